@@ -1,0 +1,26 @@
+"""lc_kernels: LayerCollapse for PyTorch — collapsible MLPs, exact collapse, fused kernels."""
+__version__ = "0.1.0"
+
+from .collapse import collapse_, load_collapsed, prepare_, register_handler, save_collapsed  # noqa: E402
+from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
+from .planner import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
+from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "CollapsibleActivation",
+    "LCFusedMLP",
+    "LCChain",
+    "prepare_",
+    "register_handler",
+    "collapse_loss",
+    "CollapseRegularizer",
+    "alpha_param_groups",
+    "plan_collapse",
+    "CollapsePlan",
+    "SitePlan",
+    "JointPlan",
+    "collapse_",
+    "save_collapsed",
+    "load_collapsed",
+]

@@ -1,0 +1,61 @@
+"""The collapsible activation ``sigma_alpha(x) = alpha * x + (1 - alpha) * base(x)``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import reference
+
+BASES = ("relu", "gelu", "gelu_tanh", "silu", "identity")
+
+
+def check_base(base: object) -> str:
+    """Return ``base`` if it names a supported activation, else raise a helpful error."""
+    if not isinstance(base, str):
+        raise TypeError(f"activation must be a name (str), got {type(base).__name__}; use one of {BASES}")
+    if base not in BASES:
+        raise ValueError(
+            f"unknown activation {base!r}; expected one of {BASES} "
+            "(for nn.GELU(approximate='tanh') use 'gelu_tanh')"
+        )
+    return base
+
+
+class CollapsibleActivation(nn.Module):
+    """``alpha * x + (1 - alpha) * base(x)``: ``base`` at alpha = 0, the identity at alpha = 1.
+
+    ``alpha`` is the module's only parameter: one value (``num_parameters=1``) or one per
+    channel of the LAST dimension (unlike ``nn.PReLU``, which uses dim 1). With
+    ``base="relu"`` alpha is exactly PReLU's negative slope.
+    """
+
+    def __init__(self, base: str = "gelu", num_parameters: int = 1, init: float | torch.Tensor = 0.0):
+        super().__init__()
+        self.base = check_base(base)
+        if not isinstance(num_parameters, int) or isinstance(num_parameters, bool) or num_parameters < 1:
+            raise ValueError(f"num_parameters must be a positive int, got {num_parameters!r}")
+        self.num_parameters = num_parameters
+        init_t = torch.as_tensor(init, dtype=torch.float32).detach().clone().reshape(-1)
+        if init_t.numel() not in (1, num_parameters):
+            raise ValueError(
+                f"init has {init_t.numel()} values but num_parameters={num_parameters}; "
+                "pass a scalar or one value per channel"
+            )
+        self.alpha = nn.Parameter(init_t.expand(num_parameters).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_parameters > 1 and (x.dim() == 0 or x.shape[-1] != self.num_parameters):
+            raise ValueError(
+                f"CollapsibleActivation has {self.num_parameters} per-channel slopes for the last "
+                f"dimension, got input of shape {tuple(x.shape)}; the last dim must be {self.num_parameters}"
+            )
+        return reference.collapsible_activation(x, self.base, self.alpha)
+
+    def extra_repr(self) -> str:
+        if self.num_parameters == 1:
+            return f"base={self.base!r}, alpha={self.alpha.item():.4f}"
+        a = self.alpha.detach()
+        return (
+            f"base={self.base!r}, num_parameters={self.num_parameters}, "
+            f"alpha in [{a.min().item():.4f}, {a.max().item():.4f}]"
+        )

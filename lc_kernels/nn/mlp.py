@@ -1,0 +1,246 @@
+"""MLP blocks whose activations can collapse: :class:`LCFusedMLP` and :class:`LCChain`.
+
+State dict keys
+---------------
+``LCFusedMLP`` (uncollapsed): ``fc1.weight``, ``fc1.bias``, ``act.alpha``, ``fc2.weight``,
+``fc2.bias`` and, when a BatchNorm1d sat between the layers, ``norm.*`` — the original
+Linear modules are reused, so their values (and parameter identity) are unchanged.
+After ``collapse_``: MERGE holds ``fc.weight``/``fc.bias``; FACTOR holds ``fc1.*``/``fc2.*``
+with no activation; PARTIAL holds a narrower ``fc1``/``act``/``fc2`` plus ``skip.*`` (one Linear,
+or ``skip.0``/``skip.1`` when factored).
+
+``LCChain`` (three or more Linears): ``linears.{i}.*``, ``acts.{i}.alpha``, ``norms.{i}.*``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .activation import CollapsibleActivation
+from .convert import to_collapsible
+
+FORMS = ("mlp", "merged", "factored", "partial")
+
+
+def check_input(x: object, in_features: int, who: str) -> None:
+    """Raise a helpful error when ``x`` cannot feed a layer with ``in_features`` inputs."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point input, got dtype {x.dtype}; cast with x.float()")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{who} expects input with last dim {in_features}, got shape {tuple(x.shape)}; "
+            "reshape so features are the last dimension"
+        )
+
+
+def joint_forward(
+    z: torch.Tensor, act: nn.Module, norm: nn.Module | None, norm_pre: bool, drop: nn.Module | None
+) -> torch.Tensor:
+    """What happens between two Linears: [norm] -> act -> [dropout] -> [norm], in original order."""
+    if norm is not None and norm_pre:
+        z = norm(z)
+    z = act(z)
+    if drop is not None:
+        z = drop(z)
+    if norm is not None and not norm_pre:
+        z = norm(z)
+    return z
+
+
+def _check_linear(m: object, what: str) -> nn.Linear:
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"{what} must be an nn.Linear, got {type(m).__name__}")
+    return m
+
+
+def _check_norm(norm: object, width: int, where: str) -> nn.BatchNorm1d | None:
+    if norm is None:
+        return None
+    if not isinstance(norm, nn.BatchNorm1d):
+        raise TypeError(f"{where}: norm must be nn.BatchNorm1d or None, got {type(norm).__name__}")
+    if norm.num_features != width:
+        raise ValueError(f"{where}: BatchNorm1d has {norm.num_features} features, hidden width is {width}")
+    return norm
+
+
+def _place(act: CollapsibleActivation, like: nn.Linear) -> CollapsibleActivation:
+    return act.to(device=like.weight.device, dtype=like.weight.dtype)
+
+
+class LCFusedMLP(nn.Module):
+    """Drop-in ``fc2(act(fc1(x)))`` whose activation can collapse to the identity.
+
+    ``form`` says what the block holds: ``"mlp"`` (fc1, act, fc2, optional norm/dropout),
+    ``"merged"`` (one Linear ``fc``), ``"factored"`` (fc1, fc2, no activation) or
+    ``"partial"`` (a narrower MLP plus a linear ``skip``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act: str = "gelu",
+        bias: bool = True,
+        alpha_init: float = 0.0,
+        num_alphas: int = 1,
+    ):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("hidden_features", hidden_features)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        out_features = in_features if out_features is None else out_features
+        if num_alphas not in (1, hidden_features):
+            raise ValueError(
+                f"num_alphas must be 1 (one slope) or hidden_features={hidden_features} (per channel), got {num_alphas}"
+            )
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.form = "mlp"
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act: nn.Module = CollapsibleActivation(act, num_alphas, alpha_init)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.norm: nn.BatchNorm1d | None = None
+        self.norm_pre = False
+        self.drop: nn.Module | None = None
+
+    @classmethod
+    def from_modules(
+        cls,
+        fc1: nn.Linear,
+        act: nn.Module | str,
+        fc2: nn.Linear,
+        norm: nn.BatchNorm1d | None = None,
+        *,
+        norm_pre: bool = False,
+        drop: nn.Module | None = None,
+        alpha_init: float = 0.0,
+        per_channel: bool = False,
+    ) -> "LCFusedMLP":
+        """Wrap existing layers (reused, not copied): outputs are unchanged at alpha_init=0.
+
+        ``norm`` sits after the activation unless ``norm_pre=True``.
+        """
+        fc1, fc2 = _check_linear(fc1, "fc1"), _check_linear(fc2, "fc2")
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(
+                f"fc1 produces {fc1.out_features} features but fc2 expects {fc2.in_features}; "
+                "these Linears do not form an MLP"
+            )
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.hidden_features, self.out_features = (
+            fc1.in_features, fc1.out_features, fc2.out_features)
+        self.form = "mlp"
+        self.fc1 = fc1
+        self.act = _place(to_collapsible(act, fc1.out_features, alpha_init=alpha_init, per_channel=per_channel), fc1)
+        self.fc2 = fc2
+        self.norm = _check_norm(norm, fc1.out_features, "LCFusedMLP.from_modules")
+        self.norm_pre = bool(norm_pre)
+        self.drop = drop
+        return self
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, *, alpha_init: float = 0.0, per_channel: bool = False) -> "LCFusedMLP":
+        """Build from ``Sequential(Linear, [BatchNorm1d], act, [Dropout], [BatchNorm1d], Linear)``."""
+        from ..collapse import parse_chain  # one parser serves prepare_ and this
+
+        if not isinstance(seq, nn.Sequential):
+            raise TypeError(f"from_sequential expects nn.Sequential, got {type(seq).__name__}")
+        chain = parse_chain(list(seq), 0)
+        if chain is None or len(chain.linears) != 2 or chain.end != len(seq):
+            raise ValueError(
+                "from_sequential expects exactly Sequential(Linear, [BatchNorm1d], act, [Dropout], "
+                f"[BatchNorm1d], Linear), got {[type(m).__name__ for m in seq]}"
+                + (f"; {chain.skip_reason}" if chain is not None and chain.skip_reason else "")
+            )
+        j = chain.joints[0]
+        return cls.from_modules(chain.linears[0], j.act, chain.linears[1], j.norm, norm_pre=j.norm_pre,
+                                drop=j.drop, alpha_init=alpha_init, per_channel=per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features, "LCFusedMLP")
+        if self.form == "merged":
+            return self.fc(x)
+        if self.form == "factored":
+            return self.fc2(self.fc1(x))
+        y = self.fc2(joint_forward(self.fc1(x), self.act, self.norm, self.norm_pre, self.drop))
+        if self.form == "partial":
+            y = y + self.skip(x)
+        return y
+
+    def extra_repr(self) -> str:
+        s = f"in={self.in_features}, hidden={self.hidden_features}, out={self.out_features}, form={self.form!r}"
+        if self.form == "partial":
+            s += f", nonlinear_channels={self.fc1.out_features}"
+        return s
+
+
+class LCChain(nn.Module):
+    """``Linear, act, Linear, act, ..., Linear`` with every activation collapsible.
+
+    After collapse the chain may hold fewer Linears (merged joints) and ``nn.Identity``
+    joints (factored, no activation).
+    """
+
+    def __init__(
+        self,
+        linears: Sequence[nn.Linear],
+        acts: Sequence[nn.Module | str],
+        norms: Sequence[nn.BatchNorm1d | None] | None = None,
+        norm_pre: Sequence[bool] | None = None,
+        drops: Sequence[nn.Module | None] | None = None,
+        *,
+        alpha_init: float = 0.0,
+        per_channel: bool = False,
+    ):
+        super().__init__()
+        linears = [_check_linear(m, f"linears[{i}]") for i, m in enumerate(linears)]
+        n = len(linears) - 1
+        if n < 1 or len(acts) != n:
+            raise ValueError(f"LCChain needs k >= 2 Linears and k-1 activations, got {len(linears)} and {len(acts)}")
+        norms = list(norms) if norms is not None else [None] * n
+        norm_pre = list(norm_pre) if norm_pre is not None else [False] * n
+        drops = list(drops) if drops is not None else [None] * n
+        for i in range(n):
+            if linears[i].out_features != linears[i + 1].in_features:
+                raise ValueError(
+                    f"linears[{i}] produces {linears[i].out_features} features but linears[{i + 1}] "
+                    f"expects {linears[i + 1].in_features}"
+                )
+        self.linears = nn.ModuleList(linears)
+        self.acts = nn.ModuleList(
+            a if isinstance(a, nn.Identity) else
+            _place(to_collapsible(a, linears[i].out_features, alpha_init=alpha_init, per_channel=per_channel),
+                   linears[i])
+            for i, a in enumerate(acts)
+        )
+        self.norms = nn.ModuleList(
+            _check_norm(m, linears[i].out_features, f"LCChain joint {i}") or nn.Identity() for i, m in enumerate(norms)
+        )
+        self.norm_pre = [bool(p) for p in norm_pre]
+        self.drops = nn.ModuleList(m if m is not None else nn.Identity() for m in drops)
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linears[-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features, "LCChain")
+        last = len(self.linears) - 1
+        for i, lin in enumerate(self.linears):
+            x = lin(x)
+            if i < last:
+                x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
+        return x
+
+    def extra_repr(self) -> str:
+        widths = [self.in_features] + [m.out_features for m in self.linears]
+        return f"widths={widths}"
