@@ -167,10 +167,11 @@ def _sequential_handler(seq: nn.Module, path: str, opts: PrepareOptions) -> None
         else:
             new = LCChain(chain.linears, [j.act for j in js], [j.norm for j in js], [j.norm_pre for j in js],
                           [j.drop for j in js], **kw)
-        # Keep the other children's keys: their state_dict names do not move.
-        for k in keys[i + 1:chain.end]:
-            del seq._modules[k]
+        # Consumed children become Identity placeholders, so neither the positions (seq[7])
+        # nor the state_dict keys of the untouched children move.
         seq._modules[keys[i]] = new
+        for k in keys[i + 1:chain.end]:
+            seq._modules[k] = nn.Identity()
         opts.result.append(site)
         i = chain.end
 

@@ -1,0 +1,148 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lc_kernels as lc
+from conftest import rel_err
+
+
+def _set_alpha(model, value):
+    for m in model.modules():
+        if isinstance(m, lc.CollapsibleActivation):
+            m.alpha.data.fill_(value)
+
+
+def _trained_bn(model, shape):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(*shape) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("norm", [None, "pre", "post"])
+def test_merge_at_alpha_one_is_exact(act, norm):
+    d_in, h, d_out = 24, 96, 20  # h > d_in*d_out/(d_in+d_out): MERGE is cheaper
+    acts = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU()}
+    layers = [nn.Linear(d_in, h), acts[act], nn.Dropout(0.3), nn.Linear(h, d_out)]
+    if norm == "pre":
+        layers.insert(1, nn.BatchNorm1d(h))
+    elif norm == "post":
+        layers.insert(3, nn.BatchNorm1d(h))
+    model = _trained_bn(nn.Sequential(*layers), (64, d_in))
+    lc.prepare_(model)
+    _set_alpha(model, 1.0)
+    x = torch.randn(50, d_in)
+    y = model(x)
+    plan = lc.collapse_(model)
+    assert plan.sites[0].decision == "MERGE" and model[0].form == "merged"
+    assert rel_err(model(x), y) <= 1e-5
+    assert sum(p.numel() for p in model.parameters()) == d_in * d_out + d_out
+
+
+def test_factor_when_cheaper():
+    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 64))
+    lc.prepare_(model, alpha_init=1.0)
+    x = torch.randn(7, 64)
+    y = model(x)
+    plan = lc.plan_collapse(model)
+    assert plan.sites[0].decision == "FACTOR" and plan.flops_after == plan.flops_before
+    lc.collapse_(model, plan)
+    assert model[0].form == "factored" and not hasattr(model[0], "act")
+    assert rel_err(model(x), y) <= 1e-5
+
+
+def test_chain_collapses_as_far_as_its_linear_joints_allow():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64),
+                          nn.SiLU(), nn.Linear(64, 8)).eval()
+    lc.prepare_(model)
+    chain = model[0]
+    chain.acts[1].alpha.data.fill_(1.0)
+    chain.acts[2].alpha.data.fill_(0.98)
+    x = torch.randn(40, 16)
+    plan = lc.plan_collapse(model, tol=0.05)
+    assert [j.decision for j in plan.sites[0].joints] == ["KEEP", "MERGE", "MERGE"]
+    chain.acts[2].alpha.data.fill_(1.0)  # exactness is claimed at alpha = 1
+    plan = lc.plan_collapse(model, tol=0.05)
+    y = model(x)
+    lc.collapse_(model, plan)
+    assert len(chain.linears) == 2 and [m.out_features for m in chain.linears] == [64, 8]
+    assert isinstance(chain.acts[0], lc.CollapsibleActivation)
+    assert rel_err(model(x), y) <= 1e-5
+
+
+def test_out_of_tol_is_kept_with_reason_and_force_collapses():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    lc.prepare_(model, alpha_init=0.7)
+    plan = lc.plan_collapse(model, tol=0.05)
+    assert plan.sites[0].decision == "KEEP"
+    assert "|1-alpha|=0.300 > tol 0.05" in plan.sites[0].joints[0].reason
+    assert "|1-alpha|=0.300 > tol 0.05" in str(plan)
+    lc.collapse_(model, plan)  # KEEP: nothing changes
+    assert model[0].form == "mlp"
+    forced = lc.collapse_(model, force=True)
+    assert model[0].form == "merged" and "forced" in forced.sites[0].joints[0].reason
+
+
+def test_collapse_refuses_a_plan_beyond_its_bound_and_leaves_model_unchanged():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    lc.prepare_(model, alpha_init=0.7)
+    plan = lc.plan_collapse(model, tol=0.05)
+    plan.sites[0].joints[0].decision = "MERGE"  # edited by hand past its bound
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"collapse refused.*0 joint 0: MERGE at \|1-alpha\|=0.300 > tol 0.05"):
+        lc.collapse_(model, plan)
+    assert model[0].form == "mlp"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_plan_that_does_not_match_the_model():
+    a = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    b = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    lc.prepare_(a, alpha_init=1.0)
+    lc.prepare_(b, alpha_init=1.0)
+    with pytest.raises(ValueError, match=r"expects widths \[8, 32, 8\], the model has \[8, 16, 8\]"):
+        lc.collapse_(b, lc.plan_collapse(a))
+    plan = lc.plan_collapse(a)
+    a[0].act.alpha.data.fill_(0.5)
+    with pytest.raises(ValueError, match="alpha changed since the plan was made"):
+        lc.collapse_(a, plan)
+    with pytest.raises(ValueError, match="does not exist in this model"):
+        lc.collapse_(nn.Linear(2, 2), plan)
+
+
+def test_nan_weights_are_refused():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    lc.prepare_(model, alpha_init=1.0)
+    model[0].fc2.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"site '0': fc2.weight holds NaN"):
+        lc.collapse_(model)
+    assert model[0].form == "mlp"
+
+
+def test_plan_table_and_bad_options():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    with pytest.raises(ValueError, match="no collapsible sites: run lc_kernels.prepare_"):
+        lc.plan_collapse(model)
+    lc.prepare_(model, alpha_init=1.0)
+    text = str(lc.plan_collapse(model))
+    for word in ("site", "alpha", "decision", "params", "FLOPs", "TOTAL", "MERGE", "1.000"):
+        assert word in text
+    with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+        lc.plan_collapse(model, tol=-1)
+    with pytest.raises(TypeError, match="either a plan or planning options"):
+        lc.collapse_(model, lc.plan_collapse(model), tol=0.1)
+
+
+def test_half_precision_merge_casts_back_once():
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).to(torch.bfloat16)
+    lc.prepare_(model, alpha_init=1.0)
+    x = torch.randn(10, 16, dtype=torch.bfloat16)
+    ref = (model[0].fc2.weight.double() @ model[0].fc1.weight.double())
+    lc.collapse_(model)
+    assert model[0].fc.weight.dtype == torch.bfloat16
+    assert rel_err(model[0].fc.weight, ref) <= 1e-2
+    assert model(x).dtype == torch.bfloat16
