@@ -14,7 +14,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from .nn.activation import CollapsibleActivation
@@ -46,6 +45,7 @@ class Site:
 
 
 def linears_of(m: nn.Module) -> list[nn.Linear]:
+    """The Linears of an LCFusedMLP or LCChain, in order."""
     return [m.fc1, m.fc2] if isinstance(m, LCFusedMLP) else list(m.linears)
 
 
@@ -257,7 +257,7 @@ class CollapsePlan:
         for s in self.sites:
             alphas = ", ".join(_fmt_alpha(j) for j in s.joints)
             err = "-" if s.est_error is None else f"{s.est_error:.2e}"
-            reasons = "; ".join(dict.fromkeys(j.reason for j in s.joints))
+            reasons = _fmt_reasons(s.joints)
             rows.append((s.path, alphas, s.decision, f"{_si(s.params_before)} -> {_si(s.params_after)}",
                          f"{_si(s.flops_before)} -> {_si(s.flops_after)}", err, reasons))
         lin, total = self.joint_counts()
@@ -283,6 +283,13 @@ def _si(n: int) -> str:
     return str(n)
 
 
+def _fmt_reasons(joints: list[JointPlan]) -> str:
+    distinct = list(dict.fromkeys(j.reason for j in joints))
+    if len(distinct) == 1:
+        return distinct[0]
+    return "; ".join(f"j{i}: {j.reason}" for i, j in enumerate(joints))
+
+
 def _fmt_alpha(j: JointPlan) -> str:
     a = j.alpha
     s = f"{a[0]:.3f}" if len(a) == 1 else f"[{min(a):.2f}..{max(a):.2f}]"
@@ -302,6 +309,7 @@ def _check_tol(tol: object) -> float:
 
 
 def site_params(site: Site) -> int:
+    """Parameters the site holds now (Linears, slopes, BatchNorm affine terms)."""
     return sum(p.numel() for p in site.module.parameters())
 
 
@@ -336,18 +344,13 @@ def site_cost(site: Site, chosen: list[list[int]], objective: str = "flops") -> 
     return decisions_cost(site.widths, decisions, partial, objective)
 
 
-def all_channels(site: Site) -> list[list[int]]:
-    """``chosen`` for collapsing every joint of the site completely."""
-    return [list(range(joint_width(site, i))) for i in range(len(site.acts))]
-
-
 def build_site_plan(site: Site, chosen: list[list[int]], reasons: list[str], objective: str = "flops") -> SitePlan:
     """SitePlan for explicit per-joint linear channels (see :func:`decisions_for`), with reasons."""
     decisions, partial = decisions_for(site, chosen, objective)
     joints = []
     for act, d, reason in zip(site.acts, decisions, reasons):
         if act is None:
-            joints.append(JointPlan([1.0], FACTOR if d == KEEP else d, "already linear"))
+            joints.append(JointPlan([1.0], d, "already linear"))
             continue
         alpha = act.alpha.detach().float().cpu().tolist()
         if d == FACTOR:

@@ -1,0 +1,206 @@
+"""``lc-kernels plan CHECKPOINT``: the collapse plan report for a saved model.
+
+CHECKPOINT is a directory written by ``save_collapsed`` (its JSON records every applied plan)
+or a file holding the ``state_dict()`` of a prepared, uncollapsed model. Planning needs the
+architecture: ``--model MODULE:FACTORY`` builds it fresh. Without ``--model`` a
+``save_collapsed`` directory is reported from its stored plans alone.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+
+import torch
+from torch import nn
+
+from .collapse import load_collapsed, read_checkpoint, rebuild_
+from .planner import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
+
+CALIB_HELP = """\
+calibration data (optional; needs --model): --calib PATH loads model inputs from a .pt/.pth
+file (torch.save of a tensor, an (input, target) tuple, or a list of those), a .npy file, or a
+.npz file (its first array, or --calib-key NAME). Inputs are cast to the model's dtype; rows
+must match its input width. With calibration each site's error is the exact ||delta||/||y||
+of its collapse at the site's output, and the plan's model-output error is measured.
+--max-error and --target need it.
+
+Without --model, a save_collapsed directory is reported from the plans stored with it."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``plan`` subcommand's options on ``parser``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = CALIB_HELP
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a save_collapsed directory, or a state-dict file (torch.save) of a prepared model")
+    parser.add_argument("--model", metavar="MODULE:FACTORY",
+                        help="build the original architecture by calling FACTORY() from MODULE (an importable "
+                             "module or a path to a .py file); required for a state-dict file")
+    cal = parser.add_argument_group("calibration")
+    cal.add_argument("--calib", metavar="PATH", help="model inputs (.pt, .pth, .npy, .npz); see below")
+    cal.add_argument("--calib-key", metavar="NAME", help="array to use from a .npz file (default: its first)")
+    cal.add_argument("--calib-rows", metavar="N", type=int, help="use only the first N rows (default: all)")
+    plan = parser.add_argument_group("planning (as lc_kernels.plan_collapse)")
+    plan.add_argument("--tol", type=float, default=0.05, help="collapse joints with |1-alpha| <= TOL (default 0.05)")
+    plan.add_argument("--max-error", type=float, metavar="E",
+                      help="most FLOPs saved with measured ||dy||/||y|| <= E on the calibration data")
+    plan.add_argument("--target", type=float, metavar="T",
+                      help="least measured error removing at least fraction T in (0, 1] of collapsible FLOPs")
+    plan.add_argument("--search", choices=("auto", "exhaustive", "greedy"), default="auto",
+                      help="budget search (default auto: exhaustive when small)")
+    plan.add_argument("--objective", choices=OBJECTIVES, default="flops", help="what the plan minimises")
+    plan.add_argument("--force", action="store_true", help="collapse every joint whatever tol says")
+    parser.add_argument("--json", metavar="PATH", help="also write the applied plans and the new plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; returns 0, or 2 with the reason on stderr when the input is unusable."""
+    try:
+        return _run(args)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f"lc-kernels plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = args.checkpoint
+    if args.model is None:
+        if args.calib is not None or args.max_error is not None or args.target is not None:
+            raise ValueError("--calib, --max-error and --target run the model: pass --model MODULE:FACTORY")
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is not a save_collapsed directory; a state-dict file holds no architecture: "
+                             "pass --model MODULE:FACTORY")
+        meta, _ = read_checkpoint(path)
+        applied = [CollapsePlan.from_dict(d) for d in meta.get("plans", [])]
+        print(f"{path}: {len(meta.get('prepared', {}))} prepared sites, {len(applied)} plan(s) applied "
+              f"(lc_kernels {meta.get('lc_kernels_version', '?')})")
+        _print_applied(applied)
+        if not applied:
+            print("no plan applied yet; pass --model MODULE:FACTORY to plan the prepared sites")
+        _write_json(args.json, applied, None)
+        return 0
+
+    model = build_model(args.model)
+    if os.path.isdir(path):
+        load_collapsed(model, path)
+        applied = list(getattr(model, "_lc_plans", []))
+    else:
+        load_prepared_state(model, path)
+        applied = []
+    _print_applied(applied)
+    if not find_sites(model):
+        print("no collapsible sites left: the model is fully collapsed")
+        _write_json(args.json, applied, None)
+        return 0
+    calib = None if args.calib is None else load_calib(args.calib, model, key=args.calib_key, rows=args.calib_rows)
+    plan = plan_collapse(model, tol=args.tol, calib=calib, max_error=args.max_error, target=args.target,
+                         force=args.force, objective=args.objective, search=args.search)
+    print(plan)
+    _write_json(args.json, applied, plan)
+    return 0
+
+
+def _print_applied(applied: list[CollapsePlan]) -> None:
+    for i, p in enumerate(applied):
+        print(f"\napplied plan {i + 1}/{len(applied)}:\n{p}\n")
+
+
+def _write_json(path: str | None, applied: list[CollapsePlan], plan: CollapsePlan | None) -> None:
+    if path is None:
+        return
+    with open(path, "w") as f:
+        json.dump({"applied": [p.to_dict() for p in applied], "plan": None if plan is None else plan.to_dict()},
+                  f, indent=1)
+
+
+def build_model(spec: str) -> nn.Module:
+    """``MODULE:FACTORY`` -> ``FACTORY()`` (or FACTORY itself when it is a module instance)."""
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:build or ./model.py:build), got {spec!r}")
+    if mod_name.endswith(".py"):
+        if not os.path.isfile(mod_name):
+            raise ValueError(f"--model: {mod_name} does not exist")
+        loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise ImportError(f"--model: cannot import {mod_name!r} ({e}); install it, add its folder to PYTHONPATH, "
+                              f"or pass the file: path/to/{mod_name.rsplit('.', 1)[-1]}.py:{attr}") from e
+    if not hasattr(module, attr):
+        raise ValueError(f"--model: {mod_name} has no attribute {attr!r}")
+    factory = getattr(module, attr)
+    model = factory if isinstance(factory, nn.Module) else factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model: {spec}() returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+_ALPHA_KEY = re.compile(r"^(?:(.*)\.)?(?:act|acts\.\d+)\.alpha$")
+
+
+def load_prepared_state(model: nn.Module, path: str) -> None:
+    """Prepare ``model`` as the state dict's slopes say (per channel where they are) and load it."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}); save one with "
+                         "torch.save(model.state_dict(), path)")
+    layout: dict[str, int] = {}
+    for k, v in state.items():
+        m = _ALPHA_KEY.match(k)
+        if m:
+            layout[m.group(1) or ""] = max(layout.get(m.group(1) or "", 1), v.numel())
+    if not layout:
+        raise ValueError(f"{path} has no collapsible slopes (no '*.act.alpha' keys); save the model after "
+                         "lc_kernels.prepare_")
+    rebuild_(model, [], layout)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the model built by --model (a prepared, uncollapsed model's "
+                         f"state dict is expected; a collapsed model is saved with save_collapsed): {e}") from e
+
+
+def load_calib(path: str, model: nn.Module, *, key: str | None = None, rows: int | None = None) -> object:
+    """Calibration inputs from a file, cast to the model's floating dtype, the first ``rows`` rows."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"--calib-rows must be >= 1, got {rows}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".npy", ".npz"):
+        import numpy as np
+
+        arr = np.load(path)
+        if ext == ".npz":
+            if key is not None and key not in arr.files:
+                raise ValueError(f"--calib-key {key!r} is not in {path} (it has {arr.files})")
+            arr = arr[key if key is not None else arr.files[0]]
+        data: object = torch.from_numpy(arr)
+    elif ext in (".pt", ".pth"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"--calib {path}: unknown extension {ext!r}; expected .pt, .pth, .npy or .npz")
+    batches = [data] if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data and
+                                                            isinstance(data[0], torch.Tensor)) else data
+    if not isinstance(batches, (list, tuple)):
+        raise TypeError(f"--calib {path} holds {type(data).__name__}; expected a tensor, an (input, ...) tuple "
+                        "or a list of those")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out, left = [], rows
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) and b else b
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.to(dtype)
+        if left is not None and isinstance(x, torch.Tensor) and x.dim() > 1:
+            x, left = x[:left], left - min(left, x.shape[0])
+        out.append(x)
+        if left == 0:
+            break
+    return out
