@@ -1,6 +1,7 @@
 """lc_kernels: LayerCollapse for PyTorch — collapsible MLPs, exact collapse, fused kernels."""
 __version__ = "0.1.0"
 
+from .finetune import FinetuneHistory, finetune  # noqa: E402
 from .collapse import collapse_, load_collapsed, prepare_, register_handler, save_collapsed  # noqa: E402
 from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
 from .planner import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
@@ -23,4 +24,6 @@ __all__ = [
     "collapse_",
     "save_collapsed",
     "load_collapsed",
+    "finetune",
+    "FinetuneHistory",
 ]

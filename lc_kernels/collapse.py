@@ -214,11 +214,8 @@ def _inside_site(path: str, done: list[str]) -> bool:
 
 
 def _load_integrations() -> None:
-    """Register timm / transformers handlers when those libraries are importable."""
-    try:
-        from . import integrations  # noqa: F401  (registers its handlers on import)
-    except ImportError:  # pragma: no cover - integrations are optional
-        pass
+    """Register the timm / transformers handlers (they import neither library themselves)."""
+    from . import integrations  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
