@@ -38,6 +38,74 @@ def collapsible_activation(z: torch.Tensor, act: str, alpha: torch.Tensor | None
     return a * z + (1 - a) * base_activation(z, act)
 
 
+def base_activation_backward(grad: torch.Tensor, z: torch.Tensor, act: str) -> torch.Tensor:
+    """``grad * base'(z)`` through the aten backward ops autograd itself uses for ``base``."""
+    if act == "identity":
+        return grad
+    if act == "relu":
+        return torch.ops.aten.threshold_backward(grad, z, 0)
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad, z)
+    if act == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
+    if act == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def _base_activation_out(z: torch.Tensor, act: str, out: torch.Tensor) -> None:
+    if act == "relu":
+        torch.clamp_min(z, 0, out=out)
+    elif act == "gelu":
+        torch.ops.aten.gelu.out(z, out=out)
+    elif act == "gelu_tanh":
+        torch.ops.aten.gelu.out(z, approximate="tanh", out=out)
+    elif act == "silu":
+        torch.ops.aten.silu.out(z, out=out)
+    else:
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+# Elements per row block in collapsible_activation_: a block of z and its base(z) scratch
+# (2 x 8 MiB in fp32) fit together in half of a 32 MiB L3, so the lerp re-reads both from
+# cache and z crosses DRAM once. Measured on 2 EPYC cores, 4096 tokens, 384->1536->384 /
+# 768->3072->768, alpha = 0.3, ratio vs nn.Sequential (higher is better):
+#   idle cores:            2M blocks gelu 0.99 / 1.05, silu 1.09 / 1.05; one block 1.01 / 0.99
+#   cores oversubscribed:  2M blocks 0.91 / 0.92; one block 0.97 / 1.02; 1M blocks 0.66 / 0.74
+# (each block is two OpenMP regions whose barriers wait on descheduled threads under load, so
+# smaller blocks trade robustness for cache reuse).
+_BLOCK_ELEMS = 1 << 21
+
+
+def collapsible_activation_(z: torch.Tensor, act: str, alpha: torch.Tensor | None) -> torch.Tensor:
+    """:func:`collapsible_activation` for a 2-D ``z`` the caller owns, without extra passes.
+
+    For the forward of the registered ops on CPU, where ``z`` is the fresh output of the first
+    GEMM and no autograd history is recorded. Overwrites ``z`` and returns it, except for relu
+    with alpha, which returns a new tensor; use the return value. The values match the
+    out-of-place formula up to rounding; that formula makes three more full passes over
+    ``(M, N)`` memory, each into a fresh allocation (0.71-0.85x of nn.Sequential at the
+    shapes above).
+    """
+    if act == "identity" or z.numel() == 0:
+        return z
+    if alpha is None:
+        _base_activation_out(z, act, z)
+        return z
+    if act == "relu":
+        # alpha * z + (1 - alpha) * relu(z) is PReLU with slope alpha: one pass, like nn.ReLU.
+        return F.prelu(z, alpha.to(z.dtype))
+    weight = 1 - alpha.to(z.dtype)
+    rows = max(1, _BLOCK_ELEMS // z.shape[1])
+    scratch = torch.empty((min(rows, z.shape[0]), z.shape[1]), dtype=z.dtype, device=z.device)
+    for start in range(0, z.shape[0], rows):
+        block = z[start : start + rows]
+        base = scratch[: block.shape[0]]
+        _base_activation_out(block, act, base)
+        block.lerp_(base, weight)  # block + (1 - a) * (base - block) = a * z + (1 - a) * base(z)
+    return z
+
+
 def fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
