@@ -19,6 +19,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
+    spin-waiting made a (16, 8) x (8, 32) Linear take 2 ms instead of 7 us."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` computed in float64."""
     out, ref = out.double(), ref.double()

@@ -14,14 +14,7 @@ from lc_kernels.finetune import FinetuneHistory, finetune
 from conftest import rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
-    spin-waiting made a (16, 8) x (8, 32) Linear take 2 ms instead of 7 us."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Sequential:

@@ -34,14 +34,7 @@ CONVERT_TOL = 1e-6  # converting at alpha = 0 (float32)
 COLLAPSE_TOL = 1e-5  # collapse at alpha = 1 vs the uncollapsed model (float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
-    spin-waiting made a (16, 8) x (8, 32) Linear take 2 ms instead of 7 us."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spread(model: nn.Module, gain: float = 1.5) -> nn.Module:

@@ -40,6 +40,28 @@ def collapsible_epilogue(z, alpha_ptr, stride_alpha, offs_n, mask_n, ACT: tl.con
 
 
 @triton.jit
+def dot_tile(
+    acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, offs_m, offs_n, mask_m, mask_n, K,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``acc + A[offs_m, :K] @ B[:K, offs_n]`` in fp32, with the K tail masked."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def fused_linear_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, y_ptr,
     M, N, K, M_BUCKET,
@@ -72,23 +94,12 @@ def fused_linear_kernel(
     # int64 offsets: rows * stride overflow int32 past 2**31 elements.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if DOT_IN_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = dot_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, stride_xm, stride_xk,
+                   w_ptr, stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K,
+                   INPUT_PRECISION, DOT_IN_FP32, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -10,7 +10,7 @@ dispatcher (``ops.fused.prefer_fused_mlp``) picks this kernel only where that is
 import triton
 import triton.language as tl
 
-from .fused_linear import collapsible_epilogue
+from .fused_linear import collapsible_epilogue, dot_tile
 
 
 @triton.jit
@@ -45,7 +45,6 @@ def fused_mlp_kernel(
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
@@ -53,19 +52,9 @@ def fused_mlp_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w1_ptrs = w1_ptr + offs_k[:, None] * stride_w1k + offs_h[None, :] * stride_w1h
-        hid = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            w1 = tl.load(w1_ptrs, mask=(offs_k[:, None] < k_left) & mask_h[None, :], other=0.0)
-            if DOT_IN_FP32:
-                x = x.to(tl.float32)
-                w1 = w1.to(tl.float32)
-            hid = tl.dot(x, w1, hid, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w1_ptrs += BLOCK_K * stride_w1k
+        hid = dot_tile(tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), x_ptr, stride_xm, stride_xk,
+                       w1_ptr, stride_w1k, stride_w1h, offs_m, offs_h, mask_m, mask_h, K,
+                       INPUT_PRECISION, DOT_IN_FP32, BLOCK_K)
         if HAS_B1:
             hid += tl.load(b1_ptr + offs_h * stride_b1, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         hid = collapsible_epilogue(hid, alpha_ptr, stride_alpha, offs_h, mask_h, ACT, HAS_ALPHA)
