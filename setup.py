@@ -4,7 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-version = re.search(r'^__version__ = "([^"]+)"', (here / "lc_kernels" / "__init__.py").read_text(), re.M).group(1)
+version = re.search(r'^__version__ = "([^"]+)"', (here / "lc_kernels" / "_version.py").read_text(), re.M).group(1)
 
 setup(
     name="lc_kernels",
@@ -21,7 +21,6 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "numpy>=1.24",
         "safetensors>=0.4",
-        "pytest-benchmark>=4.0",
     ],
     extras_require={
         "demo": ["scikit-learn>=1.3", "tqdm>=4.60"],

@@ -1,7 +1,7 @@
 """Fixtures for the pytest-benchmark suites: ``pytest benchmarks/ --benchmark-only``.
 
 ``pytest.ini`` limits the unit-test command to ``tests/``, so nothing here is collected by
-``python -m pytest``. Cases come from :mod:`lc_kernels.bench`, the code behind
+``python -m pytest``. Cases come from ``benchmarks/harness.py``, the code behind
 ``lc-kernels bench``, at smaller sizes so the suites finish in a few minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
-from lc_kernels import bench
+import harness as bench
 
 # 1024 tokens (2 × 197 for the encoder): GPT-2 medium's MLP then takes ~0.2 s per eager call on
 # 2 CPU cores, and the suites finish in a few minutes. `lc-kernels bench` runs the full sizes.

@@ -1,11 +1,11 @@
-"""lc_kernels: LayerCollapse for PyTorch — collapsible MLPs, exact collapse, fused kernels."""
-__version__ = "0.1.0"
-
+"""lc_kernels: LayerCollapse for PyTorch — collapsible MLPs, exact and fitted collapse, fused kernels."""
+from ._version import __version__  # noqa: E402
 from .finetune import FinetuneHistory, finetune  # noqa: E402
-from .collapse import collapse_, load_collapsed, prepare_, register_handler, save_collapsed  # noqa: E402
+from .integrations import register_handler  # noqa: E402
 from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
-from .planner import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
+from .planning import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
 from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
+from .transforms import collapse_, load_collapsed, prepare_, save_collapsed  # noqa: E402
 
 __all__ = [
     "__version__",

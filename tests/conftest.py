@@ -21,8 +21,8 @@ def _seed():
 
 @pytest.fixture
 def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
-    spin-waiting made a (16, 8) x (8, 32) Linear take 2 ms instead of 7 us."""
+    """Tiny matrices gain nothing from intra-op threads, and on a loaded machine OpenMP
+    spin-waiting makes them orders of magnitude slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -11,7 +11,7 @@ import torch
 from conftest import rel_err
 
 from lc_kernels.ops import fused_linear, fused_mlp, reference
-from lc_kernels.ops.fused import launch_fused_linear, launch_fused_mlp
+from lc_kernels.ops import launch_fused_linear, launch_fused_mlp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [

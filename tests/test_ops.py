@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from lc_kernels.ops import fused, fused_linear, fused_mlp, prefer_fused_mlp, reference
+from lc_kernels.ops import dispatch, fused_linear, fused_mlp, prefer_fused_mlp, reference
 
 DTYPES = [
     pytest.param(torch.float64, 1e-12, id="fp64"),
@@ -190,7 +190,7 @@ def test_force_triton_needs_interpreter_and_float32(monkeypatch):
 
 def test_prefer_fused_mlp_rule(monkeypatch):
     assert prefer_fused_mlp(4096, 768, 3072, 768, torch.device("cpu"))
-    monkeypatch.setattr(fused, "_sm_count", lambda device: 132)  # H100 SXM
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 132)  # H100 SXM
     cuda = torch.device("cuda")
     assert prefer_fused_mlp(4096, 768, 64, 768, cuda)  # rank-64 FACTOR pair: hidden traffic dominates
     assert prefer_fused_mlp(4096, 768, 3072, 10, cuda)  # narrow classifier output: one column tile

@@ -13,10 +13,10 @@ from conftest import rel_err
 from torch import nn
 
 import lc_kernels as lc
-from lc_kernels import plan_report
-from lc_kernels.planner import (
-    FACTOR, KEEP, MERGE, PARTIAL, CollapsePlan, chain_groups, decisions_cost, find_sites, groups_to_decisions,
-)
+from lc_kernels.cli import plan as plan_report
+from lc_kernels.planning import find_sites
+from lc_kernels.planning.cost import chain_groups, decisions_cost, groups_to_decisions
+from lc_kernels.planning.plan import FACTOR, KEEP, MERGE, PARTIAL, CollapsePlan
 
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -24,7 +24,7 @@ ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Every matrix here is at most 64 wide: OpenMP hand-offs cost more than the maths (a
-    # 50x16 @ 16x48 Linear: 9 us on one thread, 8 ms on two threads of a busy 2-core box).
+    # busy machine, a thread waiting for a descheduled peer costs more than the whole product).
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

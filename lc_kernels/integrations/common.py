@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collapse import PrepareOptions, join
+from .registry import PrepareOptions, join
 from ..nn.convert import to_collapsible
 from ..nn.mlp import LCFusedMLP
 

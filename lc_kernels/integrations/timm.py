@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..collapse import PrepareOptions, join
+from .registry import PrepareOptions, join
 from .common import library_class, swap_in_mlp
 
 MODULE = "timm.layers.mlp"

@@ -26,7 +26,7 @@ import sys
 import torch
 from torch import nn
 
-from ..collapse import PrepareOptions
+from .registry import PrepareOptions
 from .common import library_class, swap_in_mlp
 
 BERT_INTERMEDIATE = {"dense", "intermediate_act_fn"}

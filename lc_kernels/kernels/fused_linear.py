@@ -1,7 +1,7 @@
 """``Y = sigma_alpha(X @ W.T + b)``: one GEMM with bias and activation in the epilogue.
 
 Triton code and autotune configs only; shapes, strides and allocation live in
-``lc_kernels/ops/fused.py``.
+``lc_kernels/ops/fused_linear_op.py``.
 """
 import triton
 import triton.language as tl

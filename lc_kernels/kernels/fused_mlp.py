@@ -4,7 +4,7 @@ Each program owns one ``(BLOCK_M, BLOCK_N)`` output tile and walks the hidden wi
 ``BLOCK_H`` chunks: it computes the chunk's activation from ``X`` and ``W1`` in registers and
 immediately multiplies it into the output accumulator, so the ``(M, H)`` hidden tensor never
 goes to memory. The price is recomputing the first product once per output column tile; the
-dispatcher (``ops.fused.prefer_fused_mlp``) picks this kernel only where that is cheaper. With
+dispatcher (``ops.dispatch.prefer_fused_mlp``) picks this kernel only where that is cheaper. With
 ``ACT="identity"`` and no alpha it is the factored low-rank pair ``(X @ A.T) @ B.T``.
 """
 import triton

@@ -21,6 +21,7 @@ from torch import nn
 from .. import ops
 from .activation import CollapsibleActivation
 from .convert import to_collapsible
+from .match import parse_chain
 
 FORMS = ("mlp", "merged", "factored", "partial")
 
@@ -160,8 +161,6 @@ class LCFusedMLP(nn.Module):
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, *, alpha_init: float = 0.0, per_channel: bool = False) -> "LCFusedMLP":
         """Build from ``Sequential(Linear, [BatchNorm1d], act, [Dropout], [BatchNorm1d], Linear)``."""
-        from ..collapse import parse_chain  # one parser serves prepare_ and this
-
         if not isinstance(seq, nn.Sequential):
             raise TypeError(f"from_sequential expects nn.Sequential, got {type(seq).__name__}")
         chain = parse_chain(list(seq), 0)
@@ -262,3 +261,8 @@ class LCChain(nn.Module):
     def extra_repr(self) -> str:
         widths = [self.in_features] + [m.out_features for m in self.linears]
         return f"widths={widths}"
+
+
+def linears_of(m: nn.Module) -> list[nn.Linear]:
+    """The Linears of an LCFusedMLP or LCChain, in order."""
+    return [m.fc1, m.fc2] if isinstance(m, LCFusedMLP) else list(m.linears)

@@ -67,13 +67,10 @@ def _base_activation_out(z: torch.Tensor, act: str, out: torch.Tensor) -> None:
 
 
 # Elements per row block in collapsible_activation_: a block of z and its base(z) scratch
-# (2 x 8 MiB in fp32) fit together in half of a 32 MiB L3, so the lerp re-reads both from
-# cache and z crosses DRAM once. Measured on 2 EPYC cores, 4096 tokens, 384->1536->384 /
-# 768->3072->768, alpha = 0.3, ratio vs nn.Sequential (higher is better):
-#   idle cores:            2M blocks gelu 0.99 / 1.05, silu 1.09 / 1.05; one block 1.01 / 0.99
-#   cores oversubscribed:  2M blocks 0.91 / 0.92; one block 0.97 / 1.02; 1M blocks 0.66 / 0.74
-# (each block is two OpenMP regions whose barriers wait on descheduled threads under load, so
-# smaller blocks trade robustness for cache reuse).
+# (2 x 8 MiB in fp32) fit together in half of a typical 32 MiB L3, so the lerp re-reads both
+# from cache and z crosses DRAM once. Each block is two OpenMP regions whose barriers wait on
+# descheduled threads under load, so smaller blocks trade robustness for cache reuse; the
+# measurements behind this choice are in benchmarks/results/notes.md.
 _BLOCK_ELEMS = 1 << 21
 
 

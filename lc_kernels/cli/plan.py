@@ -18,8 +18,9 @@ import sys
 import torch
 from torch import nn
 
-from .collapse import load_collapsed, read_checkpoint, rebuild_
-from .planner import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
+from ..planning import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
+from ..planning.options import SEARCHES
+from ..transforms import load_collapsed, read_checkpoint, rebuild_
 
 CALIB_HELP = """\
 calibration data (optional; needs --model): --calib PATH loads model inputs from a .pt/.pth
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="most FLOPs saved with measured ||dy||/||y|| <= E on the calibration data")
     plan.add_argument("--target", type=float, metavar="T",
                       help="least measured error removing at least fraction T in (0, 1] of collapsible FLOPs")
-    plan.add_argument("--search", choices=("auto", "exhaustive", "greedy"), default="auto",
+    plan.add_argument("--search", choices=SEARCHES, default="auto",
                       help="budget search (default auto: exhaustive when small)")
     plan.add_argument("--objective", choices=OBJECTIVES, default="flops", help="what the plan minimises")
     plan.add_argument("--force", action="store_true", help="collapse every joint whatever tol says")

@@ -7,9 +7,9 @@ import sys
 
 # subcommand -> module with ``add_arguments(parser)`` and ``run(args) -> int``
 COMMANDS = {
-    "demo": ("lc_kernels.demo", "train, plan and collapse an MLP on scikit-learn's digits"),
-    "plan": ("lc_kernels.plan_report", "print the collapse plan of a saved model"),
-    "bench": ("lc_kernels.bench", "throughput of collapsed and fused MLPs vs nn.Sequential"),
+    "demo": ("lc_kernels.cli.demo", "train, plan and collapse an MLP on scikit-learn's digits"),
+    "plan": ("lc_kernels.cli.plan", "print the collapse plan of a saved model"),
+    "bench": ("lc_kernels.cli.bench", "throughput of collapsed and fused MLPs vs nn.Sequential"),
 }
 
 

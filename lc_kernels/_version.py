@@ -1,0 +1,2 @@
+"""The package version, in one place (``lc_kernels.__version__`` re-exports it)."""
+__version__ = "0.1.0"

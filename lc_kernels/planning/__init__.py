@@ -1,0 +1,86 @@
+"""What only READS a model: where it can collapse, what that costs, and what to do (a plan).
+
+``sites.py`` (collapsible sites), ``cost.py`` (FLOPs / params), ``plan.py`` (CollapsePlan,
+JSON, table), ``options.py`` (the options, validated once), ``threshold.py`` (no data: tol),
+``calibration.py`` (calibration inputs, exact errors, measured model error), ``budget.py``
+(max_error / target search). Nothing here changes a model.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .budget import budget_plan
+from .calibration import Calibration, calib_batches, chosen_of, eval_no_grad
+from .options import PlanOptions
+from .plan import DECISIONS, FACTOR, KEEP, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan, SitePlan
+from .sites import Site, collapsible_sites, find_sites
+from .threshold import plan_site
+
+__all__ = ["plan_collapse", "CollapsePlan", "SitePlan", "JointPlan", "PlanOptions", "Site", "find_sites",
+           "DECISIONS", "MERGE", "FACTOR", "KEEP", "PARTIAL", "OBJECTIVES"]
+
+
+def plan_collapse(
+    model: nn.Module,
+    *,
+    tol: float = 0.05,
+    calib: object = None,
+    max_error: float | None = None,
+    target: float | None = None,
+    force: bool = False,
+    objective: str = "flops",
+    search: str = "auto",
+) -> CollapsePlan:
+    """Decide, per site, which joints become linear; reads the model, never changes it.
+
+    A joint whose slopes are all within ``tol`` of 1 collapses (MERGE or FACTOR, whichever
+    the cost model prefers; chains are solved optimally by dynamic programming). ``force=True``
+    collapses every joint regardless of ``tol`` and says so in each reason.
+
+    ``calib`` (a batch, an ``(input, ...)`` tuple, or an iterable of those) replaces the
+    ``|1-alpha|`` proxy by the exact error of each collapse at its site's output and measures
+    the model-output error of the whole plan. ``max_error=e`` chooses, over joints (per-channel
+    two-Linear sites also over PARTIAL widths), the set saving the most ``objective`` with
+    measured model-output error ``||dy|| / ||y|| <= e``; ``target=t`` in (0, 1] the set with the
+    least measured error that removes at least ``t`` of what collapsing everything would. Given
+    both, the target plan must also meet ``e``. ``search="auto"`` is exhaustive up to
+    ``budget.MAX_EXHAUSTIVE`` combinations and greedy above; the notes say which ran. ``tol``
+    does not block a site under a budget. The model is run in eval mode under
+    ``torch.no_grad`` and left as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"plan_collapse expects an nn.Module, got {type(model).__name__}")
+    opts = PlanOptions.of(tol=tol, calib=calib, max_error=max_error, target=target, force=force,
+                          objective=objective, search=search)
+    return plan_with(model, opts)
+
+
+def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
+    """:func:`plan_collapse` with options already validated."""
+    sites = collapsible_sites(model)
+    if opts.calib is None:
+        plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=opts.objective) for s in sites],
+                            opts.tol, opts.objective, forced=opts.force)
+        plan.notes.append("est. error: max |1-alpha| over collapsed joints (no calibration data given)")
+        return plan
+    with eval_no_grad(model):
+        cal = Calibration(model, sites, calib_batches(model, opts.calib))
+        if opts.budget:
+            plan = budget_plan(cal, opts)
+        else:
+            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=opts.objective) for s in sites],
+                                opts.tol, opts.objective, forced=opts.force)
+        config = {i: chosen_of(s, sp) for i, (s, sp) in enumerate(zip(sites, plan.sites))}
+        for i, sp in enumerate(plan.sites):
+            sp.est_error = cal.site_error(i, config[i]) if sp.changes else 0.0
+            sp.error_source = ("calib: site not reached" if not cal.inputs[i] else
+                               "calib: exact residual" if len(sites[i].acts) == 1 else "calib: float64 re-run")
+        plan.measured_error = cal.model_error(config)
+    plan.calib_rows = cal.rows
+    plan.notes[:0] = [
+        f"est. error: ||delta|| / ||y|| at each site's output on {cal.rows} calibration rows, from the exact "
+        "residual (1-alpha)*W2*(base(z)-z) (chains: re-run in float64)",
+        f"measured model-output error ||dy|| / ||y|| with the planned sites collapsed together: "
+        f"{plan.measured_error:.3e}",
+    ]
+    return plan

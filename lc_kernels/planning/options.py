@@ -1,0 +1,66 @@
+"""The planning options, validated once at the public boundary (``plan_collapse``, ``collapse_``,
+the CLI and ``compress`` all pass through :meth:`PlanOptions.of`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .plan import OBJECTIVES
+
+SEARCHES = ("auto", "exhaustive", "greedy")
+
+
+def check_number(name: str, v: object, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, what: str = "") -> float:
+    """``v`` as a float if it is a finite real number in range, else a ValueError naming ``name``."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number{what}, got {v!r}")
+    v = float(v)
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}{what}, got {v!r}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high:g}{what}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    tol: float = 0.05
+    calib: object = None
+    max_error: float | None = None
+    target: float | None = None
+    force: bool = False
+    objective: str = "flops"
+    search: str = "auto"
+
+    @property
+    def budget(self) -> bool:
+        return self.max_error is not None or self.target is not None
+
+    @classmethod
+    def of(cls, *, tol: float = 0.05, calib: object = None, max_error: float | None = None,
+           target: float | None = None, force: bool = False, objective: str = "flops",
+           search: str = "auto") -> "PlanOptions":
+        """Check every option once; errors name the option, what arrived and what is expected."""
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"tol must be a finite number >= 0 (max |1 - alpha| to collapse), got {tol!r}")
+        tol = float(tol)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        if not isinstance(force, bool):
+            raise TypeError(f"force must be True or False, got {force!r}")
+        if max_error is not None and check_number("max_error", max_error) < 0:
+            raise ValueError(f"max_error bounds ||dy|| / ||y|| and must be >= 0, got {max_error!r}")
+        if target is not None and not 0 < check_number("target", target) <= 1:
+            raise ValueError(f"target is the fraction of collapsible {objective} to remove, in (0, 1]; got {target!r}")
+        max_error = None if max_error is None else float(max_error)
+        target = None if target is None else float(target)
+        opts = cls(tol, calib, max_error, target, force, objective, search)
+        if opts.budget and calib is None:
+            raise ValueError("max_error and target are measured on calibration data: pass calib= (a batch of "
+                             "typical inputs, an (input, target) tuple or a DataLoader)")
+        if opts.budget and force:
+            raise ValueError("force=True collapses every joint, a budget chooses which: pass one of them")
+        return opts

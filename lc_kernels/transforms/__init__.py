@@ -1,0 +1,7 @@
+"""What CHANGES a model: ``prepare_`` (make sites collapsible), ``collapse_`` (apply a plan),
+``save_collapsed`` / ``load_collapsed`` (checkpoints)."""
+from .checkpoint import load_collapsed, read_checkpoint, rebuild_, save_collapsed
+from .collapse import apply_site, collapse_
+from .prepare import prepare_
+
+__all__ = ["prepare_", "collapse_", "apply_site", "save_collapsed", "load_collapsed", "read_checkpoint", "rebuild_"]
