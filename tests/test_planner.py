@@ -101,7 +101,7 @@ def test_site_estimate_equals_collapse(act, norm):
     model.train()  # planning must use eval semantics and leave the mode alone
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(300, 12, dtype=torch.float64)
-    plan = lc.plan_collapse(model, calib=x, force=True)
+    plan = lc.plan_collapse(model, fit=False, calib=x, force=True)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     measured = collapsed_error(model, plan, x)
     est = plan.sites[0].est_error
@@ -114,7 +114,7 @@ def test_chain_estimate_equals_collapse():
     model = chain([10, 24, 16, 20, 6], norm_at=0)
     set_alphas(model, [0.97, 0.4, 0.99])
     x = torch.randn(200, 10, dtype=torch.float64)
-    plan = lc.plan_collapse(model, tol=0.05, calib=x)
+    plan = lc.plan_collapse(model, tol=0.05, fit=False, calib=x)
     assert [j.decision for j in plan.sites[0].joints][1] == KEEP
     measured = collapsed_error(model, plan, x)
     assert measured > 1e-4
@@ -129,7 +129,7 @@ def test_model_error_is_measured_jointly():
     lc.prepare_(model)
     set_alphas(model, [0.5, 0.3])
     x = torch.randn(200, 8, dtype=torch.float64)
-    plan = lc.plan_collapse(model, calib=x, force=True)
+    plan = lc.plan_collapse(model, fit=False, calib=x, force=True)
     measured = collapsed_error(model, plan, x)
     assert abs(plan.measured_error - measured) / measured <= 1e-4
 
@@ -152,8 +152,8 @@ def test_calib_formats_agree(wrap):
     calib = {"tensor": x, "tuple": (x, y),
              "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10),
              "list_of_tuples": [(x[:30], y[:30]), (x[30:], y[30:])]}[wrap]
-    ref = lc.plan_collapse(model, calib=x, force=True)
-    plan = lc.plan_collapse(model, calib=calib, force=True)
+    ref = lc.plan_collapse(model, fit=False, calib=x, force=True)
+    plan = lc.plan_collapse(model, fit=False, calib=calib, force=True)
     assert plan.calib_rows == 64
     assert plan.sites[0].est_error == pytest.approx(ref.sites[0].est_error, rel=1e-12)
 
@@ -193,11 +193,11 @@ def test_partial_estimate_uses_folded_channels_only():
     alpha[:30] = 0.97
     model[0].act.alpha.data.copy_(alpha)
     x = torch.randn(200, d_in, dtype=torch.float64)
-    plan = lc.plan_collapse(model, tol=0.05, calib=x)
+    plan = lc.plan_collapse(model, tol=0.05, fit=False, calib=x)
     assert plan.sites[0].decision == PARTIAL and plan.sites[0].joints[0].linear_channels == list(range(30))
     measured = collapsed_error(model, plan, x)
     assert abs(plan.sites[0].est_error - measured) / measured <= 1e-4
-    full = lc.plan_collapse(model, calib=x, force=True)
+    full = lc.plan_collapse(model, fit=False, calib=x, force=True)
     assert plan.sites[0].est_error < 0.2 * full.sites[0].est_error
 
 
@@ -248,7 +248,7 @@ def test_max_error_is_the_brute_force_optimum():
         options.append((sum(s.flops_before - s.flops_after for s in p.sites), collapsed_error(model, p, x) if p.sites
                         else 0.0))
     for e in (0.0, 0.04, 0.07, 0.1, 0.12, 0.15, 0.2):
-        plan = lc.plan_collapse(model, calib=x, max_error=e)
+        plan = lc.plan_collapse(model, fit=False, calib=x, max_error=e)
         best = max(s for s, err in options if err <= e)
         assert plan.search == "exhaustive" and plan.max_error == e
         assert plan.flops_before - plan.flops_after == best
@@ -259,7 +259,7 @@ def test_max_error_is_the_brute_force_optimum():
 def test_budget_ignores_tol():
     model = three_site_model()
     x = torch.randn(100, 8, dtype=torch.float64)
-    plan = lc.plan_collapse(model, tol=0.0, calib=x, max_error=10.0)
+    plan = lc.plan_collapse(model, tol=0.0, fit=False, calib=x, max_error=10.0)
     assert all(s.decision == MERGE for s in plan.sites)
     assert "tol does not block" in str(plan)
     lc.collapse_(model, tol=0.0, calib=x, max_error=10.0)  # collapse_ plans with the budget and does not refuse
@@ -272,8 +272,8 @@ def test_target_is_met_with_least_error(t):
     x = torch.randn(200, 8, dtype=torch.float64)
     total = lc.plan_collapse(model, force=True)
     collapsible = total.flops_before - total.flops_after
-    plan = lc.plan_collapse(model, calib=x, target=t)
-    greedy = lc.plan_collapse(model, calib=x, target=t, search="greedy")
+    plan = lc.plan_collapse(model, fit=False, calib=x, target=t)
+    greedy = lc.plan_collapse(model, fit=False, calib=x, target=t, search="greedy")
     for p in (plan, greedy):
         assert p.flops_before - p.flops_after >= t * collapsible
         assert abs(p.measured_error - collapsed_error(model, p, x)) <= 1e-4 * max(p.measured_error, 1e-12)
@@ -288,8 +288,8 @@ def test_chain_budget_and_greedy_never_beat_exhaustive():
     set_alphas(model, [0.9, 0.5, 0.8, 0.7])
     x = torch.randn(150, 6, dtype=torch.float64)
     for e in (0.02, 0.1, 0.3):
-        ex = lc.plan_collapse(model, calib=x, max_error=e, search="exhaustive")
-        gr = lc.plan_collapse(model, calib=x, max_error=e, search="greedy")
+        ex = lc.plan_collapse(model, fit=False, calib=x, max_error=e, search="exhaustive")
+        gr = lc.plan_collapse(model, fit=False, calib=x, max_error=e, search="greedy")
         for p in (ex, gr):
             assert p.measured_error <= e
             assert collapsed_error(model, p, x) <= e * (1 + 1e-9)
@@ -304,7 +304,7 @@ def test_budget_chooses_partial_on_per_channel_site():
     alpha[:40] = 1.0
     model[0].act.alpha.data.copy_(alpha)
     x = torch.randn(200, d_in, dtype=torch.float64)
-    plan = lc.plan_collapse(model, tol=0.0, calib=x, max_error=1e-12)
+    plan = lc.plan_collapse(model, tol=0.0, fit=False, calib=x, max_error=1e-12)
     joint = plan.sites[0].joints[0]
     assert joint.decision == PARTIAL and set(joint.linear_channels) <= set(range(40))
     assert len(joint.linear_channels) * (d_in + d_out) > d_in * d_out
@@ -322,7 +322,7 @@ def test_report_and_json_round_trip():
     lc.prepare_(model, filter_fn=lambda m, p: p == "0", per_channel=True)
     lc.prepare_(model)
     model[0].act.alpha.data[:40] = 0.99
-    plan = lc.plan_collapse(model, tol=0.05, calib=torch.randn(50, 8, dtype=torch.float64))
+    plan = lc.plan_collapse(model, tol=0.05, fit=False, calib=torch.randn(50, 8, dtype=torch.float64))
     text = str(plan)
     for piece in ("PARTIAL", "40/64 lin", "TOTAL", "(model)", "calibration rows", "measured model-output error"):
         assert piece in text
@@ -391,7 +391,7 @@ def test_budget_needs_calib_and_feasible_bounds():
     narrow = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16)).double()
     lc.prepare_(narrow)
     with pytest.raises(ValueError, match="target 0.5 cannot be met: no site's collapse saves flops"):
-        lc.plan_collapse(narrow, calib=torch.randn(10, 16, dtype=torch.float64), target=0.5)
+        lc.plan_collapse(narrow, fit=False, calib=torch.randn(10, 16, dtype=torch.float64), target=0.5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ After ``collapse_``: MERGE holds ``fc.weight``/``fc.bias``; FACTOR holds ``fc1.*
 with no activation; PARTIAL holds a narrower ``fc1``/``act``/``fc2`` plus ``skip.*`` (one Linear,
 or ``skip.0``/``skip.1`` when factored).
 
-``LCChain`` (three or more Linears): ``linears.{i}.*``, ``acts.{i}.alpha``, ``norms.{i}.*``.
+``LCChain`` (three or more Linears): ``linears.{i}.*``, ``acts.{i}.alpha``, ``norms.{i}.*``; after a
+PARTIAL joint ``i`` collapses, Linears ``i`` and ``i + 1`` are the narrow MLP of a partial block and
+``skips.{i}.weight`` maps that block's input to its output.
 """
 from __future__ import annotations
 
@@ -252,15 +254,23 @@ class LCChain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, "LCChain")
         last = len(self.linears) - 1
+        skips = self._modules.get("skips")
         for i, lin in enumerate(self.linears):
-            x = lin(x)
+            if skips is not None and str(i - 1) in skips:
+                # Linears i-1 and i are a partial block: the narrow MLP plus the skip from its input.
+                x = lin(x) + skips[str(i - 1)](block_in)
+            else:
+                if skips is not None and str(i) in skips:
+                    block_in = x
+                x = lin(x)
             if i < last:
                 x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
         return x
 
     def extra_repr(self) -> str:
         widths = [self.in_features] + [m.out_features for m in self.linears]
-        return f"widths={widths}"
+        skips = self._modules.get("skips")
+        return f"widths={widths}" + (f", partial_joints={sorted(int(k) for k in skips)}" if skips else "")
 
 
 def linears_of(m: nn.Module) -> list[nn.Linear]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from torch import nn
 
 from .budget import budget_plan
-from .calibration import Calibration, calib_batches, chosen_of, eval_no_grad
+from .fitting import FittedCalibration, fit_sequential, measure_fitted, site_decisions
+from .calibration import Calibration, chosen_of, eval_no_grad
+from .inputs import calib_batches
 from .options import PlanOptions
 from .plan import DECISIONS, FACTOR, KEEP, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan, SitePlan
 from .sites import Site, collapsible_sites, find_sites
@@ -30,6 +32,9 @@ def plan_collapse(
     force: bool = False,
     objective: str = "flops",
     search: str = "auto",
+    fit: bool | None = None,
+    forward_fn: object = None,
+    round_to: int = 8,
 ) -> CollapsePlan:
     """Decide, per site, which joints become linear; reads the model, never changes it.
 
@@ -47,11 +52,21 @@ def plan_collapse(
     ``budget.MAX_EXHAUSTIVE`` combinations and greedy above; the notes say which ran. ``tol``
     does not block a site under a budget. The model is run in eval mode under
     ``torch.no_grad`` and left as it was.
+
+    ``calib`` is what the model's forward takes: a tensor, a tuple of positional inputs, a dict of
+    keyword inputs (``input_ids``, ``attention_mask``: padding tokens are ignored), or an iterable
+    / DataLoader of those; ``forward_fn(model, batch)`` runs anything else. With calibration data
+    (and ``fit`` not False) every linearised joint is replaced by the least-squares map fitted to
+    the activations it sees, pulled toward the exact merge (which it equals at alpha = 1); the
+    budget may then also fold a PARTIAL subset of any joint's channels, chosen from the data and
+    kept to multiples of ``round_to``. Errors are those of the fitted replacements, fitted in
+    forward order as ``collapse_(model, plan, calib=...)`` will fit them. ``fit=False`` plans
+    the algebraic merge.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan_collapse expects an nn.Module, got {type(model).__name__}")
     opts = PlanOptions.of(tol=tol, calib=calib, max_error=max_error, target=target, force=force,
-                          objective=objective, search=search)
+                          objective=objective, search=search, fit=fit, forward_fn=forward_fn, round_to=round_to)
     return plan_with(model, opts)
 
 
@@ -63,8 +78,11 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
                             opts.tol, opts.objective, forced=opts.force)
         plan.notes.append("est. error: max |1-alpha| over collapsed joints (no calibration data given)")
         return plan
+    batches = calib_batches(model, opts.calib, forward_fn=opts.forward_fn)
+    if opts.fitted:
+        return _fitted_plan(model, sites, batches, opts)
     with eval_no_grad(model):
-        cal = Calibration(model, sites, calib_batches(model, opts.calib))
+        cal = Calibration(model, sites, batches, opts.forward_fn)
         if opts.budget:
             plan = budget_plan(cal, opts)
         else:
@@ -83,4 +101,34 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         f"measured model-output error ||dy|| / ||y|| with the planned sites collapsed together: "
         f"{plan.measured_error:.3e}",
     ]
+    return plan
+
+
+def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanOptions) -> CollapsePlan:
+    with eval_no_grad(model):
+        cal = FittedCalibration(model, sites, batches, opts.forward_fn)
+        if opts.budget:
+            plan = budget_plan(cal, opts)
+        else:
+            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=opts.objective) for s in sites],
+                                opts.tol, opts.objective, forced=opts.force)
+        plan.fit, plan.round_to = True, opts.round_to
+        changes = {i: sp for i, sp in enumerate(plan.sites) if sp.changes}
+        blocks, runner = fit_sequential(model, sites, {i: site_decisions(sp) for i, sp in changes.items()}, batches,
+                                        opts.forward_fn, order=cal.order)
+        measured = measure_fitted(model, sites, blocks, cal, runner)
+    for i, sp in enumerate(plan.sites):
+        sp.est_error = measured.site_errors.get(i, 0.0) if sp.changes else 0.0
+        sp.error_source = ("calib: site not reached" if not cal.inputs[i] else "calib: fitted, in sequence")
+    plan.measured_error = measured.model_error
+    plan.calib_rows = cal.rows
+    plan.notes[:0] = [
+        f"est. error: ||delta|| / ||y|| at each site's output on {cal.rows} calibration rows, with every linearised "
+        "joint replaced by its least-squares fit (sites fitted in forward order, as collapse_ will)",
+        f"measured model-output error ||dy|| / ||y|| with the planned sites replaced together: "
+        f"{plan.measured_error:.3e}",
+    ]
+    if opts.max_error is not None and plan.measured_error > opts.max_error:
+        plan.notes.append(f"warning: refitted in sequence the plan measures {plan.measured_error:.3e} > max_error "
+                          f"{opts.max_error:g} (the search estimated each site on the original activations)")
     return plan

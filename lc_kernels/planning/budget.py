@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from .calibration import Calibration, Chosen
+from .fitting import FittedCalibration
 from .cost import site_cost
 from .options import PlanOptions
 from .plan import CollapsePlan
@@ -160,10 +161,60 @@ def _units(cal: Calibration, tol: float, objective: str) -> tuple[list[Unit], di
     return units, no_saving
 
 
-def budget_plan(cal: Calibration, opts: PlanOptions) -> CollapsePlan:
+# Kept-width fractions a fitted plan offers per joint (of what a full collapse would save).
+FITTED_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+
+
+def _round_kept(h: int, k_linear: int, round_to: int) -> int:
+    """Folded channels when the kept width ``h - k_linear`` is rounded to a multiple of ``round_to``."""
+    if round_to <= 1 or h <= round_to:
+        return k_linear
+    kept = max(round_to, min(h - round_to, round_to * round((h - k_linear) / round_to)))
+    return h - kept
+
+
+def _units_fitted(cal: FittedCalibration, opts: PlanOptions) -> tuple[list[Unit], dict[int, str]]:
+    """Every joint of every site, with PARTIAL widths whose channels the data chooses (any alpha)."""
+    units, no_saving = [], {}
+    objective = opts.objective
+    for i, sm in enumerate(cal.sites):
+        site = sm.site
+        for j, act in enumerate(site.acts):
+            if act is None:
+                continue
+            h = joint_width(site, j)
+            none = [[] for _ in site.acts]
+
+            def cost(ch: list[int]) -> float:
+                chosen = [list(c) for c in none]
+                chosen[j] = ch
+                return site_cost(site, chosen, objective)
+
+            keep = cost([])
+            full = list(range(h))
+            options = []
+            if cal.inputs[i]:
+                order = sm.channel_scores(j, cal.ridge).argsort().tolist()
+                most = keep - cost(full)
+                counts = {_round_kept(h, bisect.bisect_left(range(h), f * max(most, 0), key=lambda k: keep - cost(
+                    order[:k])), opts.round_to) for f in FITTED_FRACTIONS}
+                options += [sorted(order[:k]) for k in sorted(counts) if 0 < k < h and keep - cost(order[:k]) > 0]
+            if cost(full) < keep or len(site.acts) > 1:
+                options.append(full)  # in a chain a linear joint may unlock a merge further on
+            if options:
+                units.append(Unit(i, j, [[]] + options))
+            elif len(site.acts) == 1:
+                d_in, _, d_out = site.widths
+                no_saving[i] = (f"collapsing saves no {objective}: hidden width {h} <= "
+                                f"{d_in}*{d_out}/({d_in}+{d_out}) makes one merged Linear no cheaper")
+    return units, no_saving
+
+
+def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions) -> CollapsePlan:
     """The plan a ``max_error`` / ``target`` budget chooses (see :func:`~lc_kernels.plan_collapse`)."""
     tol, max_error, target, objective, search = opts.tol, opts.max_error, opts.target, opts.objective, opts.search
-    units, no_saving = _units(cal, tol, objective)
+    units, no_saving = (_units_fitted(cal, opts) if isinstance(cal, FittedCalibration)
+                        else _units(cal, tol, objective))
     s = Search(cal, units, objective)
     total = s.saving(s.full)
     if target is not None and total == 0:

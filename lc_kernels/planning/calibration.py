@@ -15,7 +15,7 @@ merged weights) without touching a weight or copying the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,74 +25,11 @@ from torch import nn
 
 from ..algebra import Affine, canonical_affines
 from ..ops.reference import base_activation, collapsible_activation
+from .inputs import Batch, ForwardFn, flat_output, run_model
 from .plan import KEEP, PARTIAL, SitePlan
 from .sites import Site, joint_width
 
 Chosen = list[list[int]]  # per joint of a site: the channels that become linear
-
-
-def _input_linear(model: nn.Module) -> nn.Linear | None:
-    """The first module holding parameters, when it is a Linear: it fixes the input width and dtype."""
-    for m in model.modules():
-        if next(m.parameters(recurse=False), None) is not None:
-            return m if isinstance(m, nn.Linear) else None
-    return None
-
-
-def calib_batches(model: nn.Module, calib: object) -> list[torch.Tensor]:
-    """The calibration inputs as a list of tensors on the model's device, checked against the model.
-
-    ``calib`` is a tensor, a tuple/list whose first element is the input tensor (``(x, y)``),
-    or an iterable (e.g. a DataLoader) of either. When the model starts with a Linear, every
-    input must be floating point in that Linear's dtype with last dim ``in_features``.
-    """
-    if isinstance(calib, torch.Tensor) or (isinstance(calib, (tuple, list)) and calib
-                                           and isinstance(calib[0], torch.Tensor)):
-        items = [calib]
-    elif isinstance(calib, (str, bytes, dict)) or not isinstance(calib, Iterable):
-        raise TypeError("calib must be a tensor, an (input, ...) tuple, or an iterable/DataLoader of those, "
-                        f"got {type(calib).__name__}")
-    else:
-        items = list(calib)
-    if not items:
-        raise ValueError(f"calib is empty (an empty {type(calib).__name__}); pass at least one batch of inputs")
-    lin = _input_linear(model)
-    device = next(model.parameters()).device
-    batches = []
-    for i, item in enumerate(items):
-        x = item[0] if isinstance(item, (tuple, list)) and item else item
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"calib batch {i}: expected a tensor or an (input, ...) tuple, got {type(item).__name__}")
-        if x.numel() == 0:
-            raise ValueError(f"calib batch {i} is empty (shape {tuple(x.shape)}); pass at least one row")
-        if lin is not None:
-            if not x.is_floating_point():
-                raise TypeError(f"calib batch {i} has dtype {x.dtype}, expected floating point: the model's first "
-                                f"Linear computes in {lin.weight.dtype}; pass x.to({lin.weight.dtype})")
-            if x.dim() == 0 or x.shape[-1] != lin.in_features:
-                raise ValueError(f"calib batch {i} has shape {tuple(x.shape)}; the model's first Linear expects "
-                                 f"last dim {lin.in_features}")
-            if x.dtype != lin.weight.dtype:
-                raise TypeError(f"calib batch {i} has dtype {x.dtype}, the model computes in {lin.weight.dtype}; "
-                                f"cast with x.to({lin.weight.dtype})")
-        batches.append(x.to(device))
-    return batches
-
-
-def _flat_output(out: object) -> torch.Tensor:
-    """Every floating-point tensor in the model's output, flattened into one float64 vector."""
-    if isinstance(out, torch.Tensor):
-        parts = [out] if out.is_floating_point() else []
-    elif isinstance(out, dict):
-        parts = [_flat_output(v) for v in out.values() if v is not None]
-    elif isinstance(out, (tuple, list)):
-        parts = [_flat_output(v) for v in out if v is not None]
-    else:
-        parts = []
-    parts = [p.detach().reshape(-1).to(torch.float64) for p in parts]
-    if not parts:
-        raise TypeError(f"the model's output ({type(out).__name__}) holds no floating-point tensor to measure")
-    return torch.cat(parts)
 
 
 @contextmanager
@@ -153,8 +90,8 @@ class Calibration:
     so a few thousand rows is the intended size.
     """
 
-    def __init__(self, model: nn.Module, sites: list[Site], batches: list[torch.Tensor]):
-        self.model, self.batches = model, batches
+    def __init__(self, model: nn.Module, sites: list[Site], batches: list[Batch], forward_fn: ForwardFn | None = None):
+        self.model, self.batches, self.forward_fn = model, batches, forward_fn
         self.sites = [SiteMath.of(s) for s in sites]
         self.inputs: list[list[torch.Tensor]] = [[] for _ in sites]
         self._y2 = [0.0] * len(sites)
@@ -164,13 +101,13 @@ class Calibration:
         def capture(i: int):
             def hook(mod, args, kwargs, out):
                 # A copy: a later in-place op on the activations must not change what was recorded.
-                self.inputs[i].append((args[0] if args else kwargs["x"]).detach().clone())
-                self._y2[i] += float(out.detach().to(torch.float64).pow(2).sum())
+                self.inputs[i].append(self._batch.rows((args[0] if args else kwargs["x"]).detach()).clone())
+                self._y2[i] += float(self._batch.rows(out.detach()).to(torch.float64).pow(2).sum())
             return hook
 
         handles = [s.module.register_forward_hook(capture(i), with_kwargs=True) for i, s in enumerate(sites)]
         try:
-            self.reference = [_flat_output(self._forward(b, i)) for i, b in enumerate(batches)]
+            self.reference = [flat_output(self._forward(b, i), b) for i, b in enumerate(batches)]
         finally:
             for h in handles:
                 h.remove()
@@ -179,13 +116,11 @@ class Calibration:
             raise ValueError(f"the model's output on calib has norm {math.sqrt(y2)}; a relative error needs a "
                              "finite, non-zero output")
         self.y_norm = math.sqrt(y2)
-        self.rows = sum(b.shape[0] if b.dim() > 1 else 1 for b in batches)
+        self.rows = sum(b.n_rows for b in batches)
 
-    def _forward(self, x: torch.Tensor, i: int) -> object:
-        try:
-            return self.model(x)
-        except RuntimeError as e:
-            raise ValueError(f"the model's forward failed on calib batch {i} of shape {tuple(x.shape)}: {e}") from e
+    def _forward(self, batch: Batch, i: int) -> object:
+        self._batch = batch
+        return run_model(self.model, batch, i, self.forward_fn)
 
     def site_error(self, i: int, chosen: Chosen) -> float | None:
         """``||delta|| / ||y_site||`` at site ``i``'s output; None when calib never reaches the site."""
@@ -220,7 +155,7 @@ class Calibration:
 
         handles = [self.sites[i].site.module.register_forward_hook(shift(i), with_kwargs=True) for i in config]
         try:
-            d2 = sum(float((_flat_output(self._forward(b, k)) - ref).pow(2).sum())
+            d2 = sum(float((flat_output(self._forward(b, k), b) - ref).pow(2).sum())
                      for k, (b, ref) in enumerate(zip(self.batches, self.reference)))
         finally:
             for h in handles:

@@ -5,6 +5,8 @@ weights (+ ``d_out`` bias). A chain's best grouping into merged Linears is a dyn
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .plan import FACTOR, KEEP, MERGE, PARTIAL
@@ -59,46 +61,82 @@ def groups_to_decisions(groups: list[tuple[int, int]], linear_joint: list[bool])
     return decisions
 
 
-def decisions_cost(widths: list[int], decisions: list[str], linear_channels: list[int] | None = None,
+def _per_joint(decisions: list[str], linear_channels) -> list[list[int] | None]:
+    """``linear_channels`` per joint: a flat list names the channels of the (single) PARTIAL joint."""
+    if linear_channels is None:
+        return [None] * len(decisions)
+    if all(isinstance(c, int) for c in linear_channels):
+        return [list(linear_channels) if d == PARTIAL else None for d in decisions]
+    return list(linear_channels)
+
+
+def partial_conflict(decisions: list[str]) -> int | None:
+    """The first PARTIAL joint whose next non-MERGE joint is PARTIAL too (they would share a group)."""
+    last = None
+    for i, d in enumerate(decisions):
+        if d == MERGE:
+            continue
+        if d == PARTIAL and last == PARTIAL:
+            return i
+        last = d
+    return None
+
+
+def decisions_cost(widths: list[int], decisions: list[str], linear_channels=None,
                    objective: str = "flops", biases: list[bool] | None = None) -> int:
-    """Cost of a site after applying per-joint ``decisions`` (PARTIAL only on 2-Linear sites)."""
-    if PARTIAL in decisions:
-        d_in, h, d_out = widths
-        n_lin = len(linear_channels or [])
-        kept = [d_in, h - n_lin, d_out]
-        return decisions_cost(kept, [KEEP], objective=objective) + group_cost([d_in, d_out], 0, 0, objective)
-    cost, p = 0, 0
-    for q in range(len(widths) - 1):
-        if q == len(widths) - 2 or decisions[q] != MERGE:
-            cost += group_cost(widths, p, q, objective)
+    """Cost of a site after applying per-joint ``decisions``.
+
+    MERGE runs multiply into one Linear; a PARTIAL joint ``q`` between groups ``p..q`` and
+    ``q+1..r`` keeps ``k`` channels: a ``d_p -> k -> d_r`` MLP plus a ``d_p -> d_r`` skip.
+    ``linear_channels``: per joint (or, for one PARTIAL joint, a flat list) the folded channels.
+    """
+    channels = _per_joint(decisions, linear_channels)
+    n = len(widths) - 1
+    groups, p = [], 0
+    for q in range(n):
+        if q == n - 1 or decisions[q] != MERGE:
+            groups.append((p, q))
             p = q + 1
+    cost, g = 0, 0
+    while g < len(groups):
+        p, q = groups[g]
+        if q < n - 1 and decisions[q] == PARTIAL:
+            _, r = groups[g + 1]
+            k = widths[q + 1] - len(channels[q] or [])
+            d_in, d_out = widths[p], widths[r + 1]
+            mlp = 2 * (d_in * k + k * d_out) if objective == "flops" else d_in * k + k + k * d_out + d_out
+            cost += mlp + group_cost([d_in, d_out], 0, 0, objective)
+            g += 2
+            continue
+        cost += group_cost(widths, p, q, objective)
+        g += 1
     return cost
 
 
-def decisions_for(site: Site, chosen: list[list[int]], objective: str = "flops") -> tuple[list[str], list[int] | None]:
-    """Per-joint decisions and PARTIAL channels when ``chosen[i]`` channels of joint i become linear.
+def decisions_for(site: Site, chosen: list[list[int]], objective: str = "flops"
+                  ) -> tuple[list[str], list[list[int] | None]]:
+    """Per-joint decisions and folded channels when ``chosen[i]`` channels of joint i become linear.
 
     A joint with every channel chosen (or no activation left) is linear: the chain DP picks
-    MERGE or FACTOR. A strict, non-empty subset is PARTIAL (two-Linear sites only); empty is KEEP.
+    MERGE or FACTOR. A strict, non-empty subset is PARTIAL; empty is KEEP.
     """
-    linear_joint, partial = [], None
+    linear_joint, channels = [], []
     for i, (act, ch) in enumerate(zip(site.acts, chosen)):
         full = act is None or len(ch) == joint_width(site, i)
-        if ch and not full:
-            if len(site.acts) != 1:
-                raise ValueError(f"site {site.path!r}: partial collapse needs a two-Linear site, joint {i} of a chain")
-            partial = sorted(ch)
         linear_joint.append(full)
+        channels.append(sorted(ch) if ch and not full else None)
     decisions = groups_to_decisions(chain_groups(site.widths, linear_joint, objective), linear_joint)
-    if partial is not None:
-        decisions = [PARTIAL]
-    return decisions, partial
+    decisions = [PARTIAL if c is not None else d for d, c in zip(decisions, channels)]
+    return decisions, channels
 
 
-def site_cost(site: Site, chosen: list[list[int]], objective: str = "flops") -> int:
-    """Cost (``objective``) of the site once the ``chosen`` channels are linear."""
-    decisions, partial = decisions_for(site, chosen, objective)
-    return decisions_cost(site.widths, decisions, partial, objective)
+def site_cost(site: Site, chosen: list[list[int]], objective: str = "flops") -> float:
+    """Cost (``objective``) of the site once the ``chosen`` channels are linear; inf when the
+    choice cannot be built (adjacent PARTIAL joints)."""
+    decisions, channels = decisions_for(site, chosen, objective)
+    if partial_conflict(decisions) is not None:
+        return math.inf
+    return decisions_cost(site.widths, decisions, channels, objective)
 
 
 def linear_flops(model: nn.Module) -> int:

@@ -32,6 +32,14 @@ class PlanOptions:
     force: bool = False
     objective: str = "flops"
     search: str = "auto"
+    fit: bool | None = None
+    forward_fn: object = None
+    round_to: int = 8
+
+    @property
+    def fitted(self) -> bool:
+        """Replacements are fitted whenever calibration data is given, unless ``fit=False``."""
+        return self.calib is not None and self.fit is not False
 
     @property
     def budget(self) -> bool:
@@ -40,7 +48,8 @@ class PlanOptions:
     @classmethod
     def of(cls, *, tol: float = 0.05, calib: object = None, max_error: float | None = None,
            target: float | None = None, force: bool = False, objective: str = "flops",
-           search: str = "auto") -> "PlanOptions":
+           search: str = "auto", fit: bool | None = None, forward_fn: object = None,
+           round_to: int = 8) -> "PlanOptions":
         """Check every option once; errors name the option, what arrived and what is expected."""
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0 (max |1 - alpha| to collapse), got {tol!r}")
@@ -57,7 +66,17 @@ class PlanOptions:
             raise ValueError(f"target is the fraction of collapsible {objective} to remove, in (0, 1]; got {target!r}")
         max_error = None if max_error is None else float(max_error)
         target = None if target is None else float(target)
-        opts = cls(tol, calib, max_error, target, force, objective, search)
+        if fit not in (None, True, False):
+            raise TypeError(f"fit must be None (fit when calib is given), True or False, got {fit!r}")
+        if fit is True and calib is None:
+            raise ValueError("fit=True fits replacements to calibration data: pass calib= (inputs the model's forward "
+                             "takes), or fit=None / fit=False")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn must be a function forward_fn(model, batch), got {type(forward_fn).__name__}")
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise ValueError(f"round_to must be a positive int (kept PARTIAL widths are its multiples), got "
+                             f"{round_to!r}")
+        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to)
         if opts.budget and calib is None:
             raise ValueError("max_error and target are measured on calibration data: pass calib= (a batch of "
                              "typical inputs, an (input, target) tuple or a DataLoader)")

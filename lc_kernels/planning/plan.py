@@ -70,6 +70,8 @@ class CollapsePlan:
     measured_error: float | None = None  # ||dy|| / ||y|| at the model output, all sites collapsed together
     calib_rows: int | None = None
     search: str | None = None  # "exhaustive" or "greedy" when a budget decided
+    fit: bool = False  # replacements fitted to calibration data: collapse_ needs the same calib
+    round_to: int = 8  # kept PARTIAL widths are multiples of this (data-chosen channels)
 
     def __iter__(self) -> Iterator[SitePlan]:
         return iter(self.sites)
@@ -77,11 +79,24 @@ class CollapsePlan:
     def __len__(self) -> int:
         return len(self.sites)
 
-    def __getitem__(self, path: str) -> SitePlan:
-        for s in self.sites:
-            if s.path == path:
-                return s
-        raise KeyError(f"no site {path!r} in this plan; sites: {[s.path for s in self.sites]}")
+    def __getitem__(self, key: int | str | slice) -> SitePlan | list[SitePlan]:
+        """``plan[0]``, ``plan[-1]`` (position), ``plan["blocks.0.mlp"]`` (site path), ``plan[1:]`` (a list)."""
+        if isinstance(key, str):
+            for s in self.sites:
+                if s.path == key:
+                    return s
+            raise KeyError(f"no site {key!r} in this plan; sites: {[s.path for s in self.sites]}")
+        if isinstance(key, slice):
+            return self.sites[key]
+        numpy_int = type(key).__module__ == "numpy" and hasattr(key, "__index__")
+        if (isinstance(key, int) and not isinstance(key, bool)) or numpy_int:
+            i, n = int(key.__index__()), len(self.sites)
+            if not -n <= i < n:
+                valid = f"valid: {-n}..{n - 1}, or a path of {[s.path for s in self.sites]}" if n else "it is empty"
+                raise IndexError(f"site index {i} is out of range for a plan of {n} sites ({valid})")
+            return self.sites[i]
+        raise TypeError(f"a CollapsePlan is indexed by site position (int), site path (str) or a slice, "
+                        f"got {type(key).__name__} {key!r}")
 
     @property
     def flops_before(self) -> int:
@@ -150,7 +165,8 @@ class CollapsePlan:
         lines = [f"CollapsePlan(tol={self.tol}, objective={self.objective}"
                  + (f", max_error={self.max_error}" if self.max_error is not None else "")
                  + (f", target={self.target}" if self.target is not None else "")
-                 + (f", search={self.search}" if self.search is not None else "") + ")",
+                 + (f", search={self.search}" if self.search is not None else "")
+                 + (", fit=least-squares" if self.fit else "") + ")",
                  fmt(head), sep, *map(fmt, rows[:-1]), sep, fmt(rows[-1]), *self.notes]
         return "\n".join(lines)
 
@@ -173,5 +189,5 @@ def _fmt_alpha(j: JointPlan) -> str:
     a = j.alpha
     s = f"{a[0]:.3f}" if len(a) == 1 else f"[{min(a):.2f}..{max(a):.2f}]"
     if j.linear_channels is not None:
-        s += f" {len(j.linear_channels)}/{len(a)} lin"
+        s += f" {len(j.linear_channels)}/{len(a)} lin" if len(a) > 1 else f" {len(j.linear_channels)} lin"
     return s

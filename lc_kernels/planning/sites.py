@@ -28,16 +28,20 @@ def find_sites(model: nn.Module) -> list[Site]:
     """Every uncollapsed LCFusedMLP and every LCChain with a joint left, in module order."""
     sites = []
     for path, m in model.named_modules():
-        if isinstance(m, LCFusedMLP) and m.form == "mlp":
-            acts = [m.act]
-        elif isinstance(m, LCChain) and any(isinstance(a, CollapsibleActivation) for a in m.acts):
-            acts = [a if isinstance(a, CollapsibleActivation) else None for a in m.acts]
-        else:
-            continue
-        lins = linears_of(m)
-        widths = [lins[0].in_features] + [lin.out_features for lin in lins]
-        sites.append(Site(path, m, widths, acts, [lin.bias is not None for lin in lins]))
+        if (isinstance(m, LCFusedMLP) and m.form == "mlp") or (
+                isinstance(m, LCChain) and "skips" not in m._modules
+                and any(isinstance(a, CollapsibleActivation) for a in m.acts)):
+            sites.append(site_of(m, path))
     return sites
+
+
+def site_of(m: nn.Module, path: str) -> Site:
+    """The read-only view of one uncollapsed LCFusedMLP or LCChain."""
+    acts = [m.act] if isinstance(m, LCFusedMLP) else [a if isinstance(a, CollapsibleActivation) else None
+                                                      for a in m.acts]
+    lins = linears_of(m)
+    widths = [lins[0].in_features] + [lin.out_features for lin in lins]
+    return Site(path, m, widths, acts, [lin.bias is not None for lin in lins])
 
 
 def collapsible_sites(model: nn.Module) -> list[Site]:

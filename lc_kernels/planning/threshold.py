@@ -8,28 +8,28 @@ from .sites import Site, joint_width, site_params
 
 def build_site_plan(site: Site, chosen: list[list[int]], reasons: list[str], objective: str = "flops") -> SitePlan:
     """SitePlan for explicit per-joint linear channels (see :func:`decisions_for`), with reasons."""
-    decisions, partial = decisions_for(site, chosen, objective)
+    decisions, channels = decisions_for(site, chosen, objective)
     joints = []
-    for act, d, reason in zip(site.acts, decisions, reasons):
+    for act, d, reason, ch in zip(site.acts, decisions, reasons, channels):
         if act is None:
             joints.append(JointPlan([1.0], d, "already linear"))
             continue
         alpha = act.alpha.detach().float().cpu().tolist()
         if d == FACTOR:
             reason += "; the factored pair is cheaper than one merged Linear"
-        joints.append(JointPlan(alpha, d, reason, partial if d == PARTIAL else None))
+        joints.append(JointPlan(alpha, d, reason, ch if d == PARTIAL else None))
     # The no-data proxy: the largest |1 - alpha| among the channels that become linear.
     est = max((abs(1 - j.alpha[c if len(j.alpha) > 1 else 0]) for j, act, ch in zip(joints, site.acts, chosen)
                if act is not None and j.decision != KEEP for c in ch), default=0.0)
-    n_alpha_after = sum(len(j.alpha) for j in joints if j.decision == KEEP)
-    if partial is not None:
-        n_alpha_after = len(joints[0].alpha) - len(partial)
+    n_alpha_after = sum(len(j.alpha) if j.decision == KEEP else
+                        (len(j.alpha) - len(j.linear_channels) if len(j.alpha) > 1 else 1) if j.decision == PARTIAL
+                        else 0 for j in joints)
     return SitePlan(
         path=site.path, kind=site.kind, widths=list(site.widths), joints=joints,
         params_before=site_params(site),
-        params_after=decisions_cost(site.widths, decisions, partial, "params") + n_alpha_after,
+        params_after=decisions_cost(site.widths, decisions, channels, "params") + n_alpha_after,
         flops_before=decisions_cost(site.widths, [KEEP] * len(joints)),
-        flops_after=decisions_cost(site.widths, decisions, partial),
+        flops_after=decisions_cost(site.widths, decisions, channels),
         est_error=est,
     )
 

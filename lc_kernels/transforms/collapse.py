@@ -4,10 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..algebra import Affine, canonical_affines, make_linear
+from ..algebra import Block, canonical_affines, collapsed_modules, exact_blocks, install, site_acts
 from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCFusedMLP, linears_of
-from ..planning import FACTOR, KEEP, MERGE, PARTIAL, CollapsePlan, SitePlan, plan_collapse
+from ..planning import DECISIONS, KEEP, PARTIAL, CollapsePlan, SitePlan, plan_collapse
+from ..planning.calibration import eval_no_grad
+from ..planning.cost import partial_conflict
+from ..planning.fitting import fit_sequential, site_decisions
+from ..planning.inputs import calib_batches
+from ..planning.sites import site_of
+from .atomic import atomic
 
 
 def _check_site_matches(model: nn.Module, sp: SitePlan) -> nn.Module:
@@ -64,17 +70,21 @@ def _refusals(plan: CollapsePlan) -> list[str]:
     return out
 
 
-def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, force: bool = False, **plan_kwargs) -> CollapsePlan:
-    """Apply ``plan`` (or ``plan_collapse(model, **plan_kwargs)``) in place; returns the plan.
+def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: object = None,
+              forward_fn: object = None, force: bool = False, **plan_kwargs) -> CollapsePlan:
+    """Apply ``plan`` (or ``plan_collapse(model, calib=calib, **plan_kwargs)``) in place; returns the plan.
 
     Refuses, with the reason, a joint the plan would linearise beyond its bound (``tol``)
-    unless ``force=True``; checks that the plan matches the model (paths, widths, current
-    alphas) before changing anything, so a refused call leaves the model as it was.
+    unless ``force=True``. A fitted plan (``plan.fit``, planned with calibration data) needs the
+    same ``calib`` (and ``forward_fn``): the replacements are fitted again, in the same order on
+    the same data, so the model-output error after the call is the planned one. Everything is
+    checked before anything changes (paths, widths, current alphas, decisions, channels), and a
+    failure while applying restores the model exactly: the call is all or nothing.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"collapse_ expects an nn.Module, got {type(model).__name__}")
     if plan is None:
-        plan = plan_collapse(model, force=force, **plan_kwargs)
+        plan = plan_collapse(model, calib=calib, forward_fn=forward_fn, force=force, **plan_kwargs)
     elif plan_kwargs:
         raise TypeError(f"pass either a plan or planning options, not both (got {sorted(plan_kwargs)})")
     if not isinstance(plan, CollapsePlan):
@@ -83,78 +93,92 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, force: bool
     if refused:
         raise ValueError("collapse refused, outputs would change beyond the plan's bound: " + "; ".join(refused)
                          + ". Re-plan, or pass force=True to accept the change.")
+    paths = [sp.path for sp in plan.sites]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(f"the plan lists site(s) {twice} more than once; a plan holds each site once")
     mods = [_check_site_matches(model, sp) for sp in plan.sites]
     for m, sp in zip(mods, plan.sites):
+        _check_joints(m, sp)
         _check_alphas(m, sp)
         if sp.changes:
             _check_finite(m, sp.path)
-    for m, sp in zip(mods, plan.sites):
-        if sp.changes:
-            apply_site(m, sp)
-    _record(model, plan)
+            _check_train_norm(m, sp.path)
+    changing = {i: sp for i, sp in enumerate(plan.sites) if sp.changes}
+    if plan.fit and calib is None:
+        raise ValueError("this plan's replacements were fitted to calibration data (plan.fit is True): pass the same "
+                         "calib= (and forward_fn=) to collapse_ so they are fitted again, or plan with fit=False "
+                         "for the algebraic merge")
+    blocks: dict[int, list[Block]] = {}
+    if plan.fit and changing:
+        sites = [site_of(m, sp.path) for m, sp in zip(mods, plan.sites)]
+        batches = calib_batches(model, calib, forward_fn=forward_fn)
+        with eval_no_grad(model):
+            blocks, _ = fit_sequential(model, sites, {i: site_decisions(sp) for i, sp in changing.items()}, batches,
+                                       forward_fn)
+    with atomic(model, "collapse_"):
+        for i, sp in changing.items():
+            parts = collapsed_modules(mods[i], blocks.get(i) or site_blocks(mods[i], sp))
+            check_weights(parts, sp.path)
+            install(mods[i], parts)
+        _record(model, plan)
     return plan
 
 
-def apply_site(m: nn.Module, sp: SitePlan) -> None:
-    """Rebuild one site according to its joint decisions (structure and weights)."""
-    like = linears_of(m)[0].weight
-    aff = canonical_affines(m)
-    decisions = [j.decision for j in sp.joints]
-    if isinstance(m, LCFusedMLP):
-        _apply_mlp(m, aff, sp, like)
-        return
-    groups, p = [], 0
-    for q in range(len(aff)):
-        if q == len(aff) - 1 or decisions[q] != MERGE:
-            groups.append((p, q))
-            p = q + 1
-    lins, acts = [], []
-    for gi, (p, q) in enumerate(groups):
-        a = aff[p]
-        for k in range(p + 1, q + 1):
-            a = a.then(aff[k])
-        lins.append(make_linear(a, like))
-        if gi < len(groups) - 1:
-            acts.append(m.acts[q] if decisions[q] == KEEP else nn.Identity())
-    m.linears = nn.ModuleList(lins)
-    m.acts = nn.ModuleList(acts)
-    m.norms = nn.ModuleList(nn.Identity() for _ in acts)
-    m.drops = nn.ModuleList(nn.Identity() for _ in acts)
-    m.norm_pre = [False] * len(acts)
+def _check_joints(m: nn.Module, sp: SitePlan) -> None:
+    """Every decision known, PARTIAL channels valid, and the plan buildable (no shared group)."""
+    widths = sp.widths
+    if len(sp.joints) != len(widths) - 2:
+        raise ValueError(f"plan site {sp.path!r} has {len(sp.joints)} joints, the model's site has {len(widths) - 2}")
+    for i, j in enumerate(sp.joints):
+        if j.decision not in DECISIONS:
+            raise ValueError(f"plan site {sp.path!r} joint {i}: unknown decision {j.decision!r}; expected one of "
+                             f"{DECISIONS}")
+        if j.decision == PARTIAL:
+            ch, h = j.linear_channels, widths[i + 1]
+            if not ch or not all(isinstance(c, int) and 0 <= c < h for c in ch) or len(set(ch)) != len(ch) \
+                    or len(ch) >= h:
+                raise ValueError(f"plan site {sp.path!r} joint {i}: PARTIAL needs a strict, non-empty subset of the "
+                                 f"{h} channels as distinct ints in [0, {h}), got {ch!r}")
+    bad = partial_conflict([j.decision for j in sp.joints])
+    if bad is not None:
+        raise ValueError(f"plan site {sp.path!r}: joint {bad} and the PARTIAL joint before it share a group of "
+                         "Linears; a partial block owns the Linears on both sides of its joint, keep one of them")
 
 
-def _apply_mlp(m: LCFusedMLP, aff: list[Affine], sp: SitePlan, like: torch.Tensor) -> None:
-    decision = sp.joints[0].decision
-    a1, a2 = aff
-    if decision == MERGE:
-        fc = make_linear(a1.then(a2), like)
-        _clear(m)
-        m.fc, m.form = fc, "merged"
-    elif decision == FACTOR:
-        fc1, fc2 = make_linear(a1, like), make_linear(a2, like)
-        _clear(m)
-        m.fc1, m.fc2, m.form = fc1, fc2, "factored"
-    elif decision == PARTIAL:
-        lin = torch.tensor(sp.joints[0].linear_channels, dtype=torch.long, device=a1.weight.device)
-        keep = torch.ones(a1.weight.shape[0], dtype=torch.bool, device=a1.weight.device)
-        keep[lin] = False
-        act = m.act
-        w2l = a2.weight[:, lin]
-        fc1 = make_linear(Affine(a1.weight[keep], a1.bias[keep]), like)
-        fc2 = make_linear(Affine(a2.weight[:, keep], a2.bias + w2l @ a1.bias[lin]), like)
-        skip = make_linear(Affine(w2l @ a1.weight[lin], a2.bias.new_zeros(a2.weight.shape[0])), like, bias=False)
-        new_act = CollapsibleActivation(act.base, int(keep.sum()), act.alpha.detach()[keep.to(act.alpha.device)])
-        _clear(m)
-        m.fc1, m.act, m.fc2, m.skip, m.form = fc1, new_act.to(like.device, like.dtype), fc2, skip, "partial"
-    else:
-        raise ValueError(f"unknown decision {decision!r} for site {sp.path!r}")
+def _check_train_norm(m: nn.Module, path: str) -> None:
+    norms = [m.norm] if isinstance(m, LCFusedMLP) else list(m.norms)
+    for n in norms:
+        if isinstance(n, nn.BatchNorm1d) and n.training and (n.running_mean is None or not n.track_running_stats):
+            raise ValueError(f"site {path!r}: its BatchNorm1d has no running statistics (track_running_stats=False), "
+                             "so it normalises each batch by that batch's statistics, which no fixed Linear can "
+                             "reproduce; keep this site (KEEP) or train with running statistics")
 
 
-def _clear(m: LCFusedMLP) -> None:
-    for name in ("fc1", "act", "fc2", "drop", "norm", "fc", "skip"):
-        if name in m._modules:
-            del m._modules[name]
-    m.norm, m.drop = None, None
+def check_weights(parts: dict, path: str) -> None:
+    """Refuse collapsed weights that do not fit the model's dtype (overflow to inf, or NaN)."""
+    for name, v in parts.items():
+        mods = v if isinstance(v, (nn.ModuleList, nn.ModuleDict)) else [v] if isinstance(v, nn.Module) else []
+        for mod in (mods.values() if isinstance(mods, nn.ModuleDict) else mods):
+            for pname, p in mod.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise ValueError(f"site {path!r}: the collapsed {name}.{pname} overflows {p.dtype} (inf or NaN "
+                                     "after casting the float64 product back); collapse with float32 weights "
+                                     "(model.float()) and cast afterwards, or keep this site")
+
+
+def site_blocks(m: nn.Module, sp: SitePlan) -> list[Block]:
+    """The exact (algebraic) blocks of a site under its plan: BatchNorm folded, products in float64."""
+    return exact_blocks(canonical_affines(m), site_acts(m), [j.decision for j in sp.joints],
+                        [j.linear_channels for j in sp.joints])
+
+
+def apply_site(m: nn.Module, sp: SitePlan, blocks: list[Block] | None = None) -> None:
+    """Rebuild one site according to its joint decisions (structure and weights): the exact
+    merge, or ``blocks`` fitted to calibration data."""
+    if blocks is None:
+        blocks = site_blocks(m, sp)
+    install(m, collapsed_modules(m, blocks))
 
 
 def _record(model: nn.Module, plan: CollapsePlan) -> None:

@@ -1,0 +1,349 @@
+"""Fitted collapse: replacements fitted by least squares to the activations a site actually sees.
+
+The exact merge ``W2 W1`` is the right map only where the activation is already linear (alpha = 1).
+With calibration data each changed block of a site (a merged group, the skip of a PARTIAL joint,
+the Linear after a FACTOR joint) is replaced by the ridge least-squares map from its input to the
+original site's value at the block's end, pulled toward the exact merge (:func:`~lc_kernels.
+algebra.ridge_fit`): at alpha = 1 the fit IS the exact merge. Statistics are normal equations
+accumulated in float64 over the calibration batches, so memory is O(width^2) whatever the number
+of tokens; padding tokens (``attention_mask == 0``) never enter them.
+
+Two uses:
+
+* the budget search needs the error of many candidate plans: :class:`FittedCalibration` fits each
+  candidate's blocks independently from one shared pass of statistics on the original model
+  (every block on its original input) and measures the model-output error with the candidates
+  swapped in by forward hooks;
+* the chosen plan is fitted *in sequence* (:func:`fit_sequential`): sites and blocks in forward
+  order, each on the inputs that the already-replaced blocks upstream produce, one pass per
+  changed block (the pass stops right after the site it fits). ``collapse_`` runs the same
+  procedure on the same data, so the planned model-output error is the one measured after it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..algebra import (
+    FIT_RIDGE, Act, Affine, Block, LinearBlock, PartialBlock, affine_matrix, apply_act, canonical_affines,
+    collapsed_modules, exact_blocks, original_values, replacement, ridge_fit, run_blocks, site_acts, with_ones,
+)
+from .calibration import Chosen
+from .cost import decisions_for, partial_conflict
+from .inputs import Batch, ForwardFn, flat_output, run_model
+from .sites import Site
+
+
+class _Stop(Exception):
+    """Raised by a hook once the site a pass is for has been seen: nothing downstream is needed."""
+
+
+class Passes:
+    """Forward passes of the model over the calibration batches, with hooks on the sites."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], batches: list[Batch], forward_fn: ForwardFn | None):
+        self.model, self.sites, self.batches, self.forward_fn = model, sites, batches, forward_fn
+        self.count = 0
+        self.batch: Batch | None = None
+
+    def run(self, *, observe: dict[int, object] | None = None, replace: dict[int, nn.Module | object] | None = None,
+            stop_after: int | None = None, outputs: bool = False) -> list[torch.Tensor]:
+        """One pass. ``observe[i](x, y, batch)`` sees site i's input and output; ``replace[i]``
+        (a module or ``f(x) -> y``) computes site i's output instead; with ``stop_after`` the
+        pass ends after that site. Returns the flattened model outputs when ``outputs``."""
+        observe, replace = observe or {}, replace or {}
+        handles = []
+        for i in set(observe) | set(replace) | ({stop_after} - {None}):
+            handles.append(self.sites[i].module.register_forward_hook(self._hook(i, observe.get(i), replace.get(i),
+                                                                                 i == stop_after), with_kwargs=True))
+        out = []
+        try:
+            for k, b in enumerate(self.batches):
+                self.batch = b
+                try:
+                    y = run_model(self.model, b, k, self.forward_fn)
+                except _Stop:
+                    continue
+                if outputs:
+                    out.append(flat_output(y, b))
+        finally:
+            for h in handles:
+                h.remove()
+            self.batch = None
+        self.count += 1
+        return out
+
+    def _hook(self, i: int, observe, replace, stop: bool):
+        def hook(mod, args, kwargs, out):
+            x = args[0] if args else kwargs["x"]
+            if replace is not None:
+                out = replace(x).to(out.dtype)
+            if observe is not None:
+                observe(x, out, self.batch)
+            if stop:
+                raise _Stop
+            return out
+
+        return hook
+
+
+@dataclass
+class SiteStats:
+    """Normal-equation statistics of one site on its original activations.
+
+    ``ata[p]``: ``A_p^T A_p`` for ``A_p = [h_p, 1]``, ``h_p`` the input of Linear p;
+    ``atz[p, q]``: ``A_p^T z_q`` (``z_q`` the output of Linear q, q >= p); ``ats[p, i]``:
+    ``A_p^T sigma_i(z_i)`` (joint i >= p); ``sig2[i]``: per-channel ``sum sigma_i^2``.
+    """
+
+    ata: dict[int, torch.Tensor] = field(default_factory=dict)
+    atz: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    ats: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    sig2: dict[int, torch.Tensor] = field(default_factory=dict)
+    y2: float = 0.0
+    rows: int = 0
+
+    def add(self, vals: list[torch.Tensor], acts: list[Act | None]) -> None:
+        n = len(vals) - 1  # Linears
+        hs = [vals[0]] + [apply_act(vals[k + 1], acts[k]) for k in range(n - 1)]  # inputs of each Linear
+        sigmas = hs[1:]  # sigma_i(z_i) = input of Linear i + 1
+        for p in range(n):
+            a = with_ones(hs[p])
+            _acc(self.ata, p, a.T @ a)
+            for q in range(p, n):
+                _acc(self.atz, (p, q), a.T @ vals[q + 1])
+            for i in range(p, n - 1):
+                _acc(self.ats, (p, i), a.T @ sigmas[i])
+        for i, s in enumerate(sigmas):
+            _acc(self.sig2, i, s.pow(2).sum(0))
+        self.y2 += float(vals[-1].pow(2).sum())
+        self.rows += vals[0].shape[0]
+
+
+def _acc(d: dict, key, v: torch.Tensor) -> None:
+    d[key] = d[key] + v if key in d else v
+
+
+class SiteModel:
+    """A site's eval-mode function in float64 (BatchNorm folded) and its calibration statistics."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.affines = canonical_affines(site.module)
+        self.acts = site_acts(site.module)
+        self.stats = SiteStats()
+
+    def exact(self, chosen: Chosen) -> list[Block] | None:
+        """Exact blocks for ``chosen`` linear channels per joint; None if it cannot be built."""
+        decisions, channels = decisions_for(self.site, chosen)
+        if partial_conflict(decisions) is not None:
+            return None
+        return exact_blocks(self.affines, self.acts, decisions, channels)
+
+    def fit_independent(self, chosen: Chosen, ridge: float = FIT_RIDGE) -> list[Block] | None:
+        """Blocks for ``chosen``, each changed one fitted on its ORIGINAL input (search estimate)."""
+        blocks = self.exact(chosen)
+        if blocks is None or not self.stats.rows:
+            return blocks
+        st = self.stats
+        for k, b in enumerate(blocks):
+            if not b.changed:
+                continue
+            if isinstance(b, LinearBlock):
+                if k > 0 and blocks[k - 1].act_after is None and b.first == b.last:
+                    continue  # after a FACTOR joint the input is z, not sigma(z): fitted in sequence only
+                b.map = ridge_fit(st.ata[b.first], st.atz[(b.first, b.last)], b.map, ridge)
+            else:
+                target = st.atz[(b.first, b.last)] - st.ats[(b.first, b.joint)][:, b.kept] @ b.fc2.weight.T
+                b.skip = ridge_fit(st.ata[b.first], target, b.skip, ridge)
+        return blocks
+
+    def channel_scores(self, joint: int, ridge: float = FIT_RIDGE) -> torch.Tensor:
+        """Per channel of ``joint``: what a linear map of the joint's input cannot explain of its
+        activation on the data, times the channel's outgoing weight norm. Channels that are
+        affine on the data (always active, always off, or alpha = 1) score 0 and fold first."""
+        st = self.stats
+        ata, g = st.ata[joint], st.ats[(joint, joint)]
+        lam = ridge * float(torch.diagonal(ata).mean()) or 1.0
+        explained = (g * torch.linalg.solve(ata + lam * torch.eye(ata.shape[0], dtype=ata.dtype, device=ata.device),
+                                            g)).sum(0)
+        r2 = (st.sig2[joint] - explained).clamp_min(0)
+        return r2.sqrt() * self.affines[joint + 1].weight.norm(dim=0)
+
+
+class FittedCalibration:
+    """Statistics of every site in one pass; fitted candidates and their measured model error."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], batches: list[Batch], forward_fn: ForwardFn | None,
+                 ridge: float = FIT_RIDGE):
+        self.model, self.ridge = model, ridge
+        self.sites = [SiteModel(s) for s in sites]
+        self.runner = Passes(model, sites, batches, forward_fn)
+        self.order: list[int] = []
+        self._cache: dict[tuple, float] = {}
+        self._blocks: dict[tuple, list[Block] | None] = {}
+
+        def observe(i: int):
+            sm = self.sites[i]
+
+            def f(x, y, batch):
+                if i not in self.order:
+                    self.order.append(i)
+                rows = batch.rows(x.detach())
+                sm.stats.add(original_values(sm.affines, sm.acts, rows), sm.acts)
+            return f
+
+        self.reference = self.runner.run(observe={i: observe(i) for i in range(len(sites))}, outputs=True)
+        y2 = sum(float(r.pow(2).sum()) for r in self.reference)
+        if not math.isfinite(y2) or y2 == 0:
+            raise ValueError(f"the model's output on calib has norm {math.sqrt(y2)}; a relative error needs a "
+                             "finite, non-zero output")
+        self.y_norm = math.sqrt(y2)
+        self.rows = sum(b.n_rows for b in batches)
+
+    @property
+    def passes(self) -> int:
+        return self.runner.count
+
+    @property
+    def inputs(self) -> list[bool]:
+        """Whether calibration reaches each site (the budget search asks)."""
+        return [sm.stats.rows > 0 for sm in self.sites]
+
+    def blocks(self, i: int, chosen: Chosen) -> list[Block] | None:
+        key = (i, tuple(map(tuple, chosen)))
+        if key not in self._blocks:
+            self._blocks[key] = self.sites[i].fit_independent(chosen, self.ridge)
+        return self._blocks[key]
+
+    def model_error(self, config: dict[int, Chosen]) -> float:
+        """Measured ``||y' - y|| / ||y||`` with each configured site replaced by its fitted blocks."""
+        config = {i: c for i, c in config.items() if any(c)}
+        if not config:
+            return 0.0
+        key = tuple(sorted((i, tuple(map(tuple, c))) for i, c in config.items()))
+        if key not in self._cache:
+            replace = {}
+            for i, c in config.items():
+                blocks = self.blocks(i, c)
+                if blocks is None:
+                    self._cache[key] = math.inf
+                    return math.inf
+                replace[i] = _float64_site(blocks)
+            outs = self.runner.run(replace=replace, outputs=True)
+            d2 = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, self.reference))
+            self._cache[key] = math.sqrt(d2) / self.y_norm
+        return self._cache[key]
+
+
+def _float64_site(blocks: list[Block]):
+    return lambda x: run_blocks(blocks, x)
+
+
+def fit_sequential(model: nn.Module, sites: list[Site], plans: dict[int, tuple[list[str], list]],
+                   batches: list[Batch], forward_fn: ForwardFn | None, ridge: float = FIT_RIDGE,
+                   order: list[int] | None = None) -> tuple[dict[int, list[Block]], Passes]:
+    """Fit the plan's changed blocks in forward order, each on the inputs upstream replacements produce.
+
+    ``plans[i] = (decisions, channels per joint)`` for the sites that change. Returns the fitted
+    blocks per site (exact blocks for a site calibration never reaches).
+    """
+    passes = Passes(model, sites, batches, forward_fn)
+    if order is None:
+        order = []
+
+        def seen(i):
+            def f(x, y, batch):
+                if i not in order:
+                    order.append(i)
+            return f
+
+        passes.run(observe={i: seen(i) for i in plans})
+    order = [i for i in order if i in plans] + [i for i in plans if i not in order]
+    done: dict[int, list[Block]] = {}
+    replace: dict[int, object] = {}
+    for i in order:
+        sm = SiteModel(sites[i])
+        decisions, channels = plans[i]
+        blocks = exact_blocks(sm.affines, sm.acts, decisions, channels)
+        for k, b in enumerate(blocks):
+            if not b.changed:
+                continue
+            neq = _BlockEquations(b, k, blocks, sm)
+            passes.run(observe={i: neq.observe}, replace=dict(replace), stop_after=i)
+            if neq.rows:
+                neq.solve(ridge)
+        done[i] = blocks
+        replace[i] = replacement(sites[i].module, collapsed_modules(sites[i].module, blocks))
+    return done, passes
+
+
+class _BlockEquations:
+    """Normal equations of one block: its input (through the already-fitted blocks before it) to
+    the original site's value at its end (minus the narrow MLP's part, for a partial block)."""
+
+    def __init__(self, b: Block, k: int, blocks: list[Block], sm: SiteModel):
+        self.b, self.k, self.blocks, self.sm = b, k, blocks, sm
+        self.ata = self.aty = None
+        self.rows = 0
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> None:
+        rows = batch.rows(x.detach()).to(torch.float64)
+        a_in = run_blocks(self.blocks, rows, upto=self.k)
+        target = original_values(self.sm.affines, self.sm.acts, rows)[self.b.last + 1]
+        if isinstance(self.b, PartialBlock):
+            h = apply_act(torch.nn.functional.linear(a_in, self.b.fc1.weight, self.b.fc1.bias), self.b.act)
+            target = target - torch.nn.functional.linear(h, self.b.fc2.weight)
+        a = with_ones(a_in)
+        ata, aty = a.T @ a, a.T @ target
+        self.ata = ata if self.ata is None else self.ata + ata
+        self.aty = aty if self.aty is None else self.aty + aty
+        self.rows += rows.shape[0]
+
+    def solve(self, ridge: float) -> None:
+        if isinstance(self.b, LinearBlock):
+            self.b.map = ridge_fit(self.ata, self.aty, self.b.map, ridge)
+        else:
+            self.b.skip = ridge_fit(self.ata, self.aty, self.b.skip, ridge)
+
+
+def site_decisions(sp) -> tuple[list[str], list]:
+    """(decisions, folded channels per joint) of a SitePlan, as :func:`exact_blocks` takes them."""
+    return [j.decision for j in sp.joints], [j.linear_channels for j in sp.joints]
+
+
+@dataclass
+class Measured:
+    model_error: float
+    site_errors: dict[int, float]
+
+
+def measure_fitted(model: nn.Module, sites: list[Site], blocks: dict[int, list[Block]], cal: FittedCalibration,
+                   runner: Passes) -> Measured:
+    """The model-output error and each site's output error with the fitted sites in place, the
+    replacements built exactly as ``collapse_`` builds them (same modules, same dtype)."""
+    if not blocks:
+        return Measured(0.0, {})
+    replace = {i: replacement(sites[i].module, collapsed_modules(sites[i].module, b)) for i, b in blocks.items()}
+    d2 = {i: 0.0 for i in blocks}
+    y2 = {i: 0.0 for i in blocks}
+
+    def observe(i: int):
+        sm = SiteModel(sites[i])
+
+        def f(x, y, batch):
+            rows = batch.rows(x.detach())
+            ref = original_values(sm.affines, sm.acts, rows)[-1]
+            d2[i] += float((batch.rows(y.detach()).to(torch.float64) - ref).pow(2).sum())
+            y2[i] += float(ref.pow(2).sum())
+        return f
+
+    outs = runner.run(observe={i: observe(i) for i in blocks}, replace=replace, outputs=True)
+    err = math.sqrt(sum(float((o - r).pow(2).sum()) for o, r in zip(outs, cal.reference))) / cal.y_norm
+    return Measured(err, {i: math.sqrt(d2[i] / y2[i]) if y2[i] > 0 else 0.0 for i in blocks})
+
+
+__all__ = ["Passes", "SiteStats", "SiteModel", "FittedCalibration", "fit_sequential", "affine_matrix", "Affine"]
