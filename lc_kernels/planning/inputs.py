@@ -64,6 +64,16 @@ def _positional_capacity(model: nn.Module) -> int | None:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
+def _named(model: nn.Module, args: tuple) -> dict:
+    """Positional arguments by the names ``model.forward`` gives them (finds a positional mask)."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return {}
+    return dict(zip(params, args))
+
+
 def _input_linear(model: nn.Module) -> nn.Linear | None:
     """The first module holding parameters, when it is a Linear: it fixes the input width and dtype."""
     for m in model.modules():
@@ -184,7 +194,7 @@ def calib_batches(
             if x.dtype != lin.weight.dtype:
                 raise TypeError(f"calib batch {i} has dtype {x.dtype}, the model computes in {lin.weight.dtype}; "
                                 f"cast with x.to({lin.weight.dtype})")
-        batches.append(Batch(args, kwargs, item, _mask_of(kwargs, i)))
+        batches.append(Batch(args, kwargs, item, _mask_of({**_named(model, args), **kwargs}, i)))
         if left == 0:
             break
     return batches
