@@ -1,5 +1,6 @@
 """lc_kernels: LayerCollapse for PyTorch — collapsible MLPs, exact and fitted collapse, fused kernels."""
 from ._version import __version__  # noqa: E402
+from .compress import CompressReport, compress  # noqa: E402
 from .finetune import FinetuneHistory, finetune  # noqa: E402
 from .integrations import register_handler  # noqa: E402
 from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
@@ -24,6 +25,8 @@ __all__ = [
     "collapse_",
     "save_collapsed",
     "load_collapsed",
+    "compress",
+    "CompressReport",
     "finetune",
     "FinetuneHistory",
 ]

@@ -32,8 +32,8 @@ def _restore(modules: list, tensors: list) -> None:
     for m, d in modules:
         m.__dict__.clear()
         m.__dict__.update(d)
-        m._modules.clear()
-        m._modules.update(d["_modules"])
+        for key in ("_modules", "_parameters", "_buffers"):
+            m.__dict__[key] = dict(d[key])  # a fresh dict: the snapshot stays intact for a second restore
     with torch.no_grad():
         for t, value, grad in tensors:
             if t.shape != value.shape or t.dtype != value.dtype:
