@@ -6,7 +6,7 @@ from .integrations import register_handler  # noqa: E402
 from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
 from .planning import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
 from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
-from .transforms import collapse_, load_collapsed, prepare_, save_collapsed  # noqa: E402
+from .transforms import collapse_, load_collapsed, prepare_, save_collapsed, strip_  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -25,6 +25,7 @@ __all__ = [
     "collapse_",
     "save_collapsed",
     "load_collapsed",
+    "strip_",
     "compress",
     "CompressReport",
     "finetune",

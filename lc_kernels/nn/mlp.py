@@ -255,17 +255,31 @@ class LCChain(nn.Module):
         check_input(x, self.in_features, "LCChain")
         last = len(self.linears) - 1
         skips = self._modules.get("skips")
+        block_in = x
         for i, lin in enumerate(self.linears):
-            if skips is not None and str(i - 1) in skips:
-                # Linears i-1 and i are a partial block: the narrow MLP plus the skip from its input.
-                x = lin(x) + skips[str(i - 1)](block_in)
+            if skips is not None and str(i) in skips:
+                block_in = x  # Linears i and i+1 are the narrow MLP of a partial block
+            closes_block = skips is not None and str(i - 1) in skips
+            if i < last and not closes_block and self._fusable(i):
+                # Linear and activation in one op: the same path as LCFusedMLP (fused on CUDA,
+                # in-place epilogue on CPU, plain aten ops under torch.export).
+                act = self.acts[i]
+                alpha, base = (act.alpha, act.base) if isinstance(act, CollapsibleActivation) else (None, "identity")
+                x = ops.fused_linear(x, lin.weight, lin.bias, alpha, base)
             else:
-                if skips is not None and str(i) in skips:
-                    block_in = x
-                x = lin(x)
-            if i < last:
-                x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
+                x = ops.fused_linear(x, lin.weight, lin.bias)
+                if closes_block:  # the skip joins before the next joint's activation
+                    x = x + ops.fused_linear(block_in, skips[str(i - 1)].weight)
+                if i < last:
+                    x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
         return x
+
+    def _fusable(self, i: int) -> bool:
+        """Joint ``i`` is only an activation (no BatchNorm, no live dropout between the Linears)."""
+        drop = self.drops[i]
+        live_drop = not isinstance(drop, nn.Identity) and drop.training and getattr(drop, "p", 1) > 0
+        return (isinstance(self.norms[i], nn.Identity) and not live_drop
+                and isinstance(self.acts[i], (CollapsibleActivation, nn.Identity)))
 
     def extra_repr(self) -> str:
         widths = [self.in_features] + [m.out_features for m in self.linears]

@@ -170,5 +170,9 @@ def fused_linear(
         TypeError, ValueError: on operands that do not fit, saying what to change.
     """
     check_operands("fused_linear", x, [("weight", weight, "bias", bias)], alpha, act)
+    if torch.compiler.is_exporting():
+        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
+        # nor a translation for its ops (torch.compile still sees the op and its kernels).
+        return reference.fused_linear(x, weight, bias, alpha, act)
     y = torch.ops.lc_kernels.fused_linear(rows(x), weight, bias, alpha, act)
     return y.reshape(*x.shape[:-1], weight.shape[0])

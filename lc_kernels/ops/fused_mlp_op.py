@@ -134,5 +134,9 @@ def fused_mlp(
         TypeError, ValueError: on operands that do not fit, saying what to change.
     """
     check_operands("fused_mlp", x, [("w1", w1, "b1", b1), ("w2", w2, "b2", b2)], alpha, act)
+    if torch.compiler.is_exporting():
+        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
+        # nor a translation for its ops (torch.compile still sees the op and its kernels).
+        return reference.fused_mlp(x, w1, b1, alpha, act, w2, b2)
     y = torch.ops.lc_kernels.fused_mlp(rows(x), w1, b1, alpha, act, w2, b2)
     return y.reshape(*x.shape[:-1], w2.shape[0])

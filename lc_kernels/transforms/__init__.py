@@ -1,7 +1,9 @@
 """What CHANGES a model: ``prepare_`` (make sites collapsible), ``collapse_`` (apply a plan),
-``save_collapsed`` / ``load_collapsed`` (checkpoints)."""
+``save_collapsed`` / ``load_collapsed`` (checkpoints), ``strip_`` (plain PyTorch for serving)."""
 from .checkpoint import load_collapsed, read_checkpoint, rebuild_, save_collapsed
 from .collapse import apply_site, collapse_
 from .prepare import prepare_
+from .strip import plain_site, strip_
 
-__all__ = ["prepare_", "collapse_", "apply_site", "save_collapsed", "load_collapsed", "read_checkpoint", "rebuild_"]
+__all__ = ["prepare_", "collapse_", "apply_site", "save_collapsed", "load_collapsed", "read_checkpoint", "rebuild_", "strip_",
+           "plain_site"]
