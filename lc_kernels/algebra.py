@@ -234,31 +234,38 @@ def exact_blocks(affines: list[Affine], acts: list[Act | None], decisions: list[
 
 
 def apply_act(z: torch.Tensor, act: Act | None) -> torch.Tensor:
-    return z if act is None else collapsible_activation(z, act[0], act[1])
+    return z if act is None else collapsible_activation(z, act[0], act[1].to(z.dtype))
+
+
+def _lin(x: torch.Tensor, a: Affine) -> torch.Tensor:
+    return F.linear(x, a.weight.to(x.dtype), a.bias.to(x.dtype))
 
 
 def block_forward(b: Block, x: torch.Tensor) -> torch.Tensor:
-    """One block's output before its ``act_after`` (float64)."""
+    """One block's output before its ``act_after``, in ``x``'s dtype."""
     if isinstance(b, LinearBlock):
-        return F.linear(x, b.map.weight, b.map.bias)
-    h = apply_act(F.linear(x, b.fc1.weight, b.fc1.bias), b.act)
-    return F.linear(h, b.fc2.weight, b.fc2.bias) + F.linear(x, b.skip.weight, b.skip.bias)
+        return _lin(x, b.map)
+    h = apply_act(_lin(x, b.fc1), b.act)
+    return _lin(h, b.fc2) + _lin(x, b.skip)
 
 
-def run_blocks(blocks: list[Block], x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-    """The collapsed site on ``x`` (float64); with ``upto`` the input of block ``upto``."""
-    h = x.to(torch.float64)
+def run_blocks(blocks: list[Block], x: torch.Tensor, upto: int | None = None,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The collapsed site on ``x`` (float64 unless ``dtype``); with ``upto`` the input of block ``upto``."""
+    h = x.to(dtype)
     for b in blocks[:upto]:
         h = apply_act(block_forward(b, h), b.act_after)
     return h
 
 
-def original_values(affines: list[Affine], acts: list[Act | None], x: torch.Tensor) -> list[torch.Tensor]:
-    """``[h_0, z_0, z_1, ...]``: the site's input and each Linear's output, uncollapsed (float64)."""
-    h = x.to(torch.float64)
+def original_values(affines: list[Affine], acts: list[Act | None], x: torch.Tensor,
+                    dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """``[h_0, z_0, z_1, ...]``: the site's input and each Linear's output, uncollapsed (float64
+    unless ``dtype``)."""
+    h = x.to(dtype)
     out = [h]
     for k, a in enumerate(affines):
-        z = F.linear(h, a.weight, a.bias)
+        z = _lin(h, a)
         out.append(z)
         h = apply_act(z, acts[k]) if k < len(acts) else z
     return out

@@ -34,7 +34,7 @@ from ..algebra import (
 from .calibration import Chosen
 from .cost import decisions_for, partial_conflict
 from .inputs import Batch, ForwardFn, flat_output, run_model
-from .sites import Site
+from .sites import Site, joint_width
 
 
 class _Stop(Exception):
@@ -174,8 +174,17 @@ class SiteModel:
         return r2.sqrt() * self.affines[joint + 1].weight.norm(dim=0)
 
 
+# The budget search compares thousands of candidate plans; a forward pass of a large model per
+# candidate would dominate planning. It estimates instead, from a bounded sample of each site's
+# inputs: a candidate's model-output error^2 ~ sum over its sites of gain_i * site_error_i^2, each
+# site's gain measured once (its full collapse, on at most GAIN_ROWS calibration tokens). The plan
+# it picks is then fitted in sequence and its error measured on all of calib.
+SAMPLE_ROWS = 2048
+GAIN_ROWS = 2048
+
+
 class FittedCalibration:
-    """Statistics of every site in one pass; fitted candidates and their measured model error."""
+    """Statistics of every site in one pass; fitted candidates and their estimated model error."""
 
     def __init__(self, model: nn.Module, sites: list[Site], batches: list[Batch], forward_fn: ForwardFn | None,
                  ridge: float = FIT_RIDGE):
@@ -184,16 +193,22 @@ class FittedCalibration:
         self.runner = Passes(model, sites, batches, forward_fn)
         self.order: list[int] = []
         self._cache: dict[tuple, float] = {}
+        self._site_err: dict[tuple, float] = {}
+        self._gain: dict[int, float] = {}
         self._blocks: dict[tuple, list[Block] | None] = {}
+        self.sample: list[list[torch.Tensor]] = [[] for _ in sites]
 
         def observe(i: int):
-            sm = self.sites[i]
+            sm, kept = self.sites[i], self.sample[i]
 
             def f(x, y, batch):
                 if i not in self.order:
                     self.order.append(i)
                 rows = batch.rows(x.detach())
                 sm.stats.add(original_values(sm.affines, sm.acts, rows), sm.acts)
+                have = sum(r.shape[0] for r in kept)
+                if have < SAMPLE_ROWS:
+                    kept.append(rows[: SAMPLE_ROWS - have].to(torch.float32).clone())
             return f
 
         self.reference = self.runner.run(observe={i: observe(i) for i in range(len(sites))}, outputs=True)
@@ -203,10 +218,19 @@ class FittedCalibration:
                              "finite, non-zero output")
         self.y_norm = math.sqrt(y2)
         self.rows = sum(b.n_rows for b in batches)
+        rows, n = 0, 0
+        for b in batches:
+            n, rows = n + 1, rows + b.n_rows
+            if rows >= GAIN_ROWS:
+                break
+        self._gain_runner = Passes(model, sites, batches[:n], forward_fn)
+        self._gain_ref = self.reference[:n]
+        self._gain_norm = math.sqrt(sum(float(r.pow(2).sum()) for r in self._gain_ref))
+        self._sample_ref = [self._ref_on_sample(i) for i in range(len(sites))]
 
     @property
     def passes(self) -> int:
-        return self.runner.count
+        return self.runner.count + self._gain_runner.count
 
     @property
     def inputs(self) -> list[bool]:
@@ -219,23 +243,52 @@ class FittedCalibration:
             self._blocks[key] = self.sites[i].fit_independent(chosen, self.ridge)
         return self._blocks[key]
 
+    def _ref_on_sample(self, i: int) -> torch.Tensor | None:
+        if not self.sample[i]:
+            return None
+        sm = self.sites[i]
+        return original_values(sm.affines, sm.acts, torch.cat(self.sample[i]), torch.float32)[-1]
+
+    def site_error(self, i: int, chosen: Chosen) -> float:
+        """``||delta|| / ||y_site||`` of site ``i``'s fitted candidate on its input sample."""
+        key = (i, tuple(map(tuple, chosen)))
+        if key not in self._site_err:
+            blocks, ref = self.blocks(i, chosen), self._sample_ref[i]
+            if blocks is None:
+                self._site_err[key] = math.inf
+            elif ref is None:
+                self._site_err[key] = 0.0
+            else:
+                got = run_blocks(blocks, torch.cat(self.sample[i]), dtype=torch.float32)
+                self._site_err[key] = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        return self._site_err[key]
+
+    def gain(self, i: int) -> float:
+        """How a relative error at site ``i``'s output shows at the model's output (squared ratio),
+        measured once with the site fully collapsed."""
+        if i not in self._gain:
+            site = self.sites[i].site
+            full = [list(range(joint_width(site, j))) if a is not None else [] for j, a in enumerate(site.acts)]
+            e_site = self.site_error(i, full)
+            blocks = self.blocks(i, full)
+            if not e_site or blocks is None or not math.isfinite(e_site) or not self._gain_norm:
+                self._gain[i] = 1.0
+            else:
+                outs = self._gain_runner.run(replace={i: _float64_site(blocks)}, outputs=True)
+                d2 = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, self._gain_ref))
+                self._gain[i] = d2 / self._gain_norm ** 2 / e_site ** 2
+        return self._gain[i]
+
     def model_error(self, config: dict[int, Chosen]) -> float:
-        """Measured ``||y' - y|| / ||y||`` with each configured site replaced by its fitted blocks."""
+        """Estimated ``||y' - y|| / ||y||`` with each configured site replaced by its fitted blocks."""
         config = {i: c for i, c in config.items() if any(c)}
         if not config:
             return 0.0
         key = tuple(sorted((i, tuple(map(tuple, c))) for i, c in config.items()))
         if key not in self._cache:
-            replace = {}
-            for i, c in config.items():
-                blocks = self.blocks(i, c)
-                if blocks is None:
-                    self._cache[key] = math.inf
-                    return math.inf
-                replace[i] = _float64_site(blocks)
-            outs = self.runner.run(replace=replace, outputs=True)
-            d2 = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, self.reference))
-            self._cache[key] = math.sqrt(d2) / self.y_norm
+            errs = [self.site_error(i, c) for i, c in config.items()]
+            self._cache[key] = (math.inf if any(math.isinf(e) for e in errs) else
+                                math.sqrt(sum(self.gain(i) * e ** 2 for i, e in zip(config, errs))))
         return self._cache[key]
 
 
