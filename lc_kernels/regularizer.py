@@ -1,6 +1,8 @@
 """The LayerCollapse regularizer: pull every collapsible slope toward 1."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -16,6 +18,26 @@ def collapsible_activations(model: nn.Module, filter_fn: Callable[[nn.Module, st
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, CollapsibleActivation) and (filter_fn is None or filter_fn(m, n))]
+
+
+def check_nonneg(name: str, value: object, hint: str = "") -> float:
+    """``value`` as a float if it is a finite real number >= 0, else an error naming ``name``.
+
+    A negative learning rate runs gradient ascent and an infinite strength makes the first
+    loss inf: both are refused here, before anything trains.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}{hint}")
+    if not math.isfinite(value) or value < 0:
+        why = "; a negative learning rate climbs the loss" if value < 0 and "lr" in name else ""
+        raise ValueError(f"{name} must be a number >= 0 and finite, got {value!r}{why}{hint}")
+    return float(value)
+
+
+def _check_steps(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 (0: no ramp), got {value!r}")
+    return int(value)
 
 
 def _loss(acts: list[CollapsibleActivation]) -> torch.Tensor:
@@ -44,11 +66,9 @@ class CollapseRegularizer:
 
     def __init__(self, model: nn.Module, strength: float, warmup_steps: int = 0,
                  filter_fn: Callable[[nn.Module, str], bool] | None = None):
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not strength >= 0:
-            raise ValueError(f"strength must be a number >= 0, got {strength!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.model, self.strength, self.warmup_steps, self.filter_fn = model, float(strength), warmup_steps, filter_fn
+        strength = check_nonneg("strength", strength, " (0 turns the regularizer off)")
+        warmup_steps = _check_steps("warmup_steps", warmup_steps)
+        self.model, self.strength, self.warmup_steps, self.filter_fn = model, strength, warmup_steps, filter_fn
         self.steps = 0
         self.refresh()
 
@@ -85,6 +105,9 @@ def alpha_param_groups(model: nn.Module, lr: float, *, alpha_lr: float | None = 
     travel about 1: at lr 1e-3 it stalls near 0.7 after 1000 steps. Weight decay would pull
     alpha toward 0, i.e. back to the nonlinearity. Default ``alpha_lr`` is ``10 * lr``.
     """
+    lr = check_nonneg("lr", lr)
+    alpha_lr = None if alpha_lr is None else check_nonneg("alpha_lr", alpha_lr)
+    weight_decay = check_nonneg("weight_decay", weight_decay)
     alpha_ids = {id(m.alpha) for _, m in collapsible_activations(model)}
     alphas = [p for p in model.parameters() if id(p) in alpha_ids]
     rest = [p for p in model.parameters() if id(p) not in alpha_ids]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import lc_kernels as lc
+from lc_kernels.cli._args import nonneg_float, nonneg_int, positive_int, usage_error
 from lc_kernels.planning.cost import linear_flops
 from lc_kernels.testing import rel_err
 
@@ -159,7 +160,7 @@ def run_one(name: str, data, args, *, strength: float, regularize: str) -> tuple
               strength=strength, filter_fn=lambda m, n: n in chosen, desc=name, progress=not args.no_progress)
     plan = _plan(model, xcal, args)
     collapsed = copy.deepcopy(model)
-    lc.collapse_(collapsed, plan)
+    lc.collapse_(collapsed, plan, calib=xcal)
     bench_x = xte.repeat((args.latency_batch + len(xte) - 1) // len(xte), 1)[: args.latency_batch]
     lin, total = plan.joint_counts()
     ms = paired_latency_ms(model, collapsed, bench_x)
@@ -217,20 +218,24 @@ def format_table(results: list[RunResult], baseline: float) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches (default 0)")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs per model (default 40)")
-    p.add_argument("--widths", type=int, nargs="+", default=[64, 256, 256, 256, 10],
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed for the split, initialisation and batches (default 0)")
+    p.add_argument("--epochs", type=positive_int, default=40, help="training epochs per model (default 40)")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=[64, 256, 256, 256, 10],
                    help="Linear widths, input 64 and output 10 (default 64 256 256 256 10)")
-    p.add_argument("--strength", type=float, default=1.0, help="regularizer strength lambda (default 1.0)")
-    p.add_argument("--last-k", type=int, default=None,
+    p.add_argument("--strength", type=nonneg_float, default=1.0, help="regularizer strength lambda (default 1.0)")
+    p.add_argument("--last-k", type=positive_int, default=None,
                    help="regularize only the last k joints, as in the paper (default: all but the first)")
-    p.add_argument("--tol", type=float, default=0.05, help="collapse joints with |1-alpha| <= tol (default 0.05)")
-    p.add_argument("--max-error", type=float, default=None,
+    p.add_argument("--tol", type=nonneg_float, default=0.05,
+                   help="collapse joints with |1-alpha| <= tol (default 0.05)")
+    p.add_argument("--max-error", type=nonneg_float, default=None,
                    help="instead of tol, collapse whatever saves most FLOPs while the relative change of the "
                         "logits on calibration rows stays <= this (e.g. 0.01)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the weights (default 1e-3)")
-    p.add_argument("--alpha-lr", type=float, default=1e-2, help="learning rate of the slopes alpha (default 1e-2)")
-    p.add_argument("--latency-batch", type=int, default=4096, help="rows per forward when timing (default 4096)")
+    p.add_argument("--lr", type=nonneg_float, default=1e-3, help="learning rate of the weights (default 1e-3)")
+    p.add_argument("--alpha-lr", type=nonneg_float, default=1e-2,
+                   help="learning rate of the slopes alpha (default 1e-2)")
+    p.add_argument("--latency-batch", type=positive_int, default=4096,
+                   help="rows per forward when timing (default 4096)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -238,11 +243,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     n_joints = len(args.widths) - 2
     if len(args.widths) < 3 or args.widths[0] != 64 or args.widths[-1] != 10:
-        raise SystemExit(f"--widths must start with 64 (pixels), end with 10 (classes) and have a hidden layer; "
-                         f"got {args.widths}")
+        usage_error("demo", f"--widths must start with 64 (pixels), end with 10 (classes) and have a hidden "
+                            f"layer; got {args.widths}")
     args.last_k = max(1, n_joints - 1) if args.last_k is None else args.last_k
     if not 1 <= args.last_k <= n_joints:
-        raise SystemExit(f"--last-k must be in 1..{n_joints} for {n_joints} joints, got {args.last_k}")
+        usage_error("demo", f"--last-k must be in 1..{n_joints} for {n_joints} joints, got {args.last_k}")
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_data(args.seed)
     # Calibration rows come from the training split: the test split stays unseen by the planner.

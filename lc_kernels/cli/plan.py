@@ -21,6 +21,7 @@ from torch import nn
 from ..planning import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
 from ..planning.options import SEARCHES
 from ..transforms import load_collapsed, read_checkpoint, rebuild_
+from ._args import fraction, nonneg_float, positive_int
 
 CALIB_HELP = """\
 calibration data (optional; needs --model): --calib PATH loads model inputs from a .pt/.pth
@@ -45,12 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal = parser.add_argument_group("calibration")
     cal.add_argument("--calib", metavar="PATH", help="model inputs (.pt, .pth, .npy, .npz); see below")
     cal.add_argument("--calib-key", metavar="NAME", help="array to use from a .npz file (default: its first)")
-    cal.add_argument("--calib-rows", metavar="N", type=int, help="use only the first N rows (default: all)")
+    cal.add_argument("--calib-rows", metavar="N", type=positive_int, help="use only the first N rows (default: all)")
     plan = parser.add_argument_group("planning (as lc_kernels.plan_collapse)")
-    plan.add_argument("--tol", type=float, default=0.05, help="collapse joints with |1-alpha| <= TOL (default 0.05)")
-    plan.add_argument("--max-error", type=float, metavar="E",
+    plan.add_argument("--tol", type=nonneg_float, default=0.05,
+                      help="collapse joints with |1-alpha| <= TOL (default 0.05)")
+    plan.add_argument("--max-error", type=nonneg_float, metavar="E",
                       help="most FLOPs saved with measured ||dy||/||y|| <= E on the calibration data")
-    plan.add_argument("--target", type=float, metavar="T",
+    plan.add_argument("--target", type=fraction, metavar="T",
                       help="least measured error removing at least fraction T in (0, 1] of collapsible FLOPs")
     plan.add_argument("--search", choices=SEARCHES, default="auto",
                       help="budget search (default auto: exhaustive when small)")
@@ -145,7 +147,7 @@ def build_model(spec: str) -> nn.Module:
     return model
 
 
-_ALPHA_KEY = re.compile(r"^(?:(.*)\.)?(?:act|acts\.\d+)\.alpha$")
+_ALPHA_KEY = re.compile(r"^(?:(.*)\.)?(?:act|acts\.(\d+))\.alpha$")
 
 
 def load_prepared_state(model: nn.Module, path: str) -> None:
@@ -154,11 +156,14 @@ def load_prepared_state(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}); save one with "
                          "torch.save(model.state_dict(), path)")
-    layout: dict[str, int] = {}
+    layout: dict[str, list[int]] = {}
     for k, v in state.items():
         m = _ALPHA_KEY.match(k)
         if m:
-            layout[m.group(1) or ""] = max(layout.get(m.group(1) or "", 1), v.numel())
+            counts = layout.setdefault(m.group(1) or "", [])  # one slope count per joint
+            j = int(m.group(2) or 0)
+            counts.extend([1] * (j + 1 - len(counts)))
+            counts[j] = v.numel()
     if not layout:
         raise ValueError(f"{path} has no collapsible slopes (no '*.act.alpha' keys); save the model after "
                          "lc_kernels.prepare_")

@@ -36,7 +36,14 @@ class CollapsibleActivation(nn.Module):
         if not isinstance(num_parameters, int) or isinstance(num_parameters, bool) or num_parameters < 1:
             raise ValueError(f"num_parameters must be a positive int, got {num_parameters!r}")
         self.num_parameters = num_parameters
-        init_t = torch.as_tensor(init, dtype=torch.float32).detach().clone().reshape(-1)
+        try:
+            init_t = torch.as_tensor(init, dtype=torch.float32).detach().clone().reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"init must be a float or a tensor of floats, got {type(init).__name__} {init!r}: {e}") \
+                from None
+        if not torch.isfinite(init_t).all():
+            raise ValueError(f"init must be finite (0 keeps the activation as is, 1 makes it the identity), "
+                             f"got {init!r}")
         if init_t.numel() not in (1, num_parameters):
             raise ValueError(
                 f"init has {init_t.numel()} values but num_parameters={num_parameters}; "
@@ -45,6 +52,12 @@ class CollapsibleActivation(nn.Module):
         self.alpha = nn.Parameter(init_t.expand(num_parameters).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"CollapsibleActivation expects a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            # The slope would be cast to the input dtype: alpha=0.5 on int64 input is 0, a plain ReLU.
+            raise TypeError(f"CollapsibleActivation expects a floating-point input, got dtype {x.dtype}; "
+                            "cast it first, e.g. x.float()")
         if self.num_parameters > 1 and (x.dim() == 0 or x.shape[-1] != self.num_parameters):
             raise ValueError(
                 f"CollapsibleActivation has {self.num_parameters} per-channel slopes for the last "

@@ -13,6 +13,7 @@ from .budget import budget_plan
 from .fitting import FittedCalibration, fit_sequential, measure_fitted, site_decisions
 from .calibration import Calibration, chosen_of, eval_no_grad
 from .inputs import calib_batches
+from .latency import LatencyTable
 from .options import PlanOptions
 from .plan import DECISIONS, FACTOR, KEEP, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan, SitePlan
 from .sites import Site, collapsible_sites, find_sites
@@ -35,6 +36,8 @@ def plan_collapse(
     fit: bool | None = None,
     forward_fn: object = None,
     round_to: int = 8,
+    example: object = None,
+    tokens: int | None = None,
 ) -> CollapsePlan:
     """Decide, per site, which joints become linear; reads the model, never changes it.
 
@@ -62,31 +65,38 @@ def plan_collapse(
     kept to multiples of ``round_to``. Errors are those of the fitted replacements, fitted in
     forward order as ``collapse_(model, plan, calib=...)`` will fit them. ``fit=False`` plans
     the algebraic merge.
+
+    ``objective="latency"`` plans on measured time instead of FLOPs: every candidate form is timed
+    on the model's device and dtype at the token count of ``example`` (or ``tokens=``), cached per
+    device, dtype and shape (:mod:`~lc_kernels.planning.latency`); ``target`` is then the fraction
+    of the collapsible sites' measured time to remove.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan_collapse expects an nn.Module, got {type(model).__name__}")
     opts = PlanOptions.of(tol=tol, calib=calib, max_error=max_error, target=target, force=force,
-                          objective=objective, search=search, fit=fit, forward_fn=forward_fn, round_to=round_to)
+                          objective=objective, search=search, fit=fit, forward_fn=forward_fn, round_to=round_to,
+                          example=example, tokens=tokens)
     return plan_with(model, opts)
 
 
 def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
     """:func:`plan_collapse` with options already validated."""
     sites = collapsible_sites(model)
+    cost = cost_objective(model, opts)
     if opts.calib is None:
-        plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=opts.objective) for s in sites],
+        plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites],
                             opts.tol, opts.objective, forced=opts.force)
         plan.notes.append("est. error: max |1-alpha| over collapsed joints (no calibration data given)")
-        return plan
+        return _note_latency(plan, cost)
     batches = calib_batches(model, opts.calib, forward_fn=opts.forward_fn)
     if opts.fitted:
-        return _fitted_plan(model, sites, batches, opts)
+        return _note_latency(_fitted_plan(model, sites, batches, opts, cost), cost)
     with eval_no_grad(model):
         cal = Calibration(model, sites, batches, opts.forward_fn)
         if opts.budget:
-            plan = budget_plan(cal, opts)
+            plan = budget_plan(cal, opts, cost)
         else:
-            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=opts.objective) for s in sites],
+            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites],
                                 opts.tol, opts.objective, forced=opts.force)
         config = {i: chosen_of(s, sp) for i, (s, sp) in enumerate(zip(sites, plan.sites))}
         for i, sp in enumerate(plan.sites):
@@ -101,16 +111,33 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         f"measured model-output error ||dy|| / ||y|| with the planned sites collapsed together: "
         f"{plan.measured_error:.3e}",
     ]
+    return _note_latency(plan, cost)
+
+
+def cost_objective(model: nn.Module, opts: PlanOptions):
+    """What the cost model minimises: ``"flops"`` / ``"params"``, or a measured latency table."""
+    if opts.objective != "latency":
+        return opts.objective
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if p is None:
+        raise ValueError("objective='latency' needs a model with floating-point weights to time")
+    return LatencyTable(p.device, p.dtype, opts.tokens)
+
+
+def _note_latency(plan: CollapsePlan, cost) -> CollapsePlan:
+    if isinstance(cost, LatencyTable):
+        plan.notes.append(f"latency: every candidate form timed at {cost.tokens} tokens on {cost.prefix.split('|')[0]} "
+                          f"({cost.measured} measured now, the rest from {cost.path})")
     return plan
 
 
-def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanOptions) -> CollapsePlan:
+def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanOptions, cost) -> CollapsePlan:
     with eval_no_grad(model):
         cal = FittedCalibration(model, sites, batches, opts.forward_fn)
         if opts.budget:
-            plan = budget_plan(cal, opts)
+            plan = budget_plan(cal, opts, cost)
         else:
-            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=opts.objective) for s in sites],
+            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites],
                                 opts.tol, opts.objective, forced=opts.force)
         plan.fit, plan.round_to = True, opts.round_to
         changes = {i: sp for i, sp in enumerate(plan.sites) if sp.changes}

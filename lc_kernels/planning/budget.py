@@ -173,10 +173,9 @@ def _round_kept(h: int, k_linear: int, round_to: int) -> int:
     return h - kept
 
 
-def _units_fitted(cal: FittedCalibration, opts: PlanOptions) -> tuple[list[Unit], dict[int, str]]:
+def _units_fitted(cal: FittedCalibration, opts: PlanOptions, objective) -> tuple[list[Unit], dict[int, str]]:
     """Every joint of every site, with PARTIAL widths whose channels the data chooses (any alpha)."""
     units, no_saving = [], {}
-    objective = opts.objective
     for i, sm in enumerate(cal.sites):
         site = sm.site
         for j, act in enumerate(site.acts):
@@ -210,10 +209,12 @@ def _units_fitted(cal: FittedCalibration, opts: PlanOptions) -> tuple[list[Unit]
     return units, no_saving
 
 
-def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions) -> CollapsePlan:
-    """The plan a ``max_error`` / ``target`` budget chooses (see :func:`~lc_kernels.plan_collapse`)."""
-    tol, max_error, target, objective, search = opts.tol, opts.max_error, opts.target, opts.objective, opts.search
-    units, no_saving = (_units_fitted(cal, opts) if isinstance(cal, FittedCalibration)
+def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=None) -> CollapsePlan:
+    """The plan a ``max_error`` / ``target`` budget chooses (see :func:`~lc_kernels.plan_collapse`);
+    ``cost`` is the cost model's objective (a measured latency table for ``objective="latency"``)."""
+    tol, max_error, target, search = opts.tol, opts.max_error, opts.target, opts.search
+    objective = opts.objective if cost is None else cost
+    units, no_saving = (_units_fitted(cal, opts, objective) if isinstance(cal, FittedCalibration)
                         else _units(cal, tol, objective))
     s = Search(cal, units, objective)
     total = s.saving(s.full)

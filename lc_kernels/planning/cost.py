@@ -18,10 +18,16 @@ def linear_macs(d_in: int, d_out: int) -> int:
     return d_in * d_out
 
 
-def group_cost(widths: list[int], p: int, q: int, objective: str = "flops") -> int:
-    """Cost of the Linears p..q multiplied into one map: FLOPs/token or parameters."""
+def group_cost(widths: list[int], p: int, q: int, objective="flops") -> float:
+    """Cost of the Linears p..q multiplied into one map: FLOPs/token, parameters, or — with a
+    :class:`~lc_kernels.planning.latency.LatencyTable` as ``objective`` — measured seconds (the
+    activation after it fused in, unless it is the site's last Linear)."""
     d_in, d_out = widths[p], widths[q + 1]
-    return 2 * linear_macs(d_in, d_out) if objective == "flops" else d_in * d_out + d_out
+    if objective == "flops":
+        return 2 * linear_macs(d_in, d_out)
+    if objective == "params":
+        return d_in * d_out + d_out
+    return objective.linear(d_in, d_out, act=q < len(widths) - 2)
 
 
 def chain_groups(widths: list[int], linear_joint: list[bool], objective: str = "flops") -> list[tuple[int, int]]:
@@ -83,7 +89,7 @@ def partial_conflict(decisions: list[str]) -> int | None:
 
 
 def decisions_cost(widths: list[int], decisions: list[str], linear_channels=None,
-                   objective: str = "flops", biases: list[bool] | None = None) -> int:
+                   objective="flops", biases: list[bool] | None = None) -> float:
     """Cost of a site after applying per-joint ``decisions``.
 
     MERGE runs multiply into one Linear; a PARTIAL joint ``q`` between groups ``p..q`` and
@@ -104,8 +110,12 @@ def decisions_cost(widths: list[int], decisions: list[str], linear_channels=None
             _, r = groups[g + 1]
             k = widths[q + 1] - len(channels[q] or [])
             d_in, d_out = widths[p], widths[r + 1]
-            mlp = 2 * (d_in * k + k * d_out) if objective == "flops" else d_in * k + k + k * d_out + d_out
-            cost += mlp + group_cost([d_in, d_out], 0, 0, objective)
+            if objective == "flops":
+                cost += 2 * (d_in * k + k * d_out) + group_cost([d_in, d_out], 0, 0, objective)
+            elif objective == "params":
+                cost += d_in * k + k + k * d_out + d_out + group_cost([d_in, d_out], 0, 0, objective)
+            else:
+                cost += objective.partial(d_in, k, d_out)
             g += 2
             continue
         cost += group_cost(widths, p, q, objective)

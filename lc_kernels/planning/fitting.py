@@ -179,8 +179,8 @@ class SiteModel:
 # inputs: a candidate's model-output error^2 ~ sum over its sites of gain_i * site_error_i^2, each
 # site's gain measured once (its full collapse, on at most GAIN_ROWS calibration tokens). The plan
 # it picks is then fitted in sequence and its error measured on all of calib.
-SAMPLE_ROWS = 2048
-GAIN_ROWS = 2048
+SAMPLE_ROWS = 512
+GAIN_ROWS = 512
 
 
 class FittedCalibration:

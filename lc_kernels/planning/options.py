@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .plan import OBJECTIVES
 
 SEARCHES = ("auto", "exhaustive", "greedy")
@@ -35,6 +37,7 @@ class PlanOptions:
     fit: bool | None = None
     forward_fn: object = None
     round_to: int = 8
+    tokens: int | None = None  # objective="latency": rows each site sees per call
 
     @property
     def fitted(self) -> bool:
@@ -49,7 +52,7 @@ class PlanOptions:
     def of(cls, *, tol: float = 0.05, calib: object = None, max_error: float | None = None,
            target: float | None = None, force: bool = False, objective: str = "flops",
            search: str = "auto", fit: bool | None = None, forward_fn: object = None,
-           round_to: int = 8) -> "PlanOptions":
+           round_to: int = 8, example: object = None, tokens: int | None = None) -> "PlanOptions":
         """Check every option once; errors name the option, what arrived and what is expected."""
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0 (max |1 - alpha| to collapse), got {tol!r}")
@@ -76,10 +79,37 @@ class PlanOptions:
         if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
             raise ValueError(f"round_to must be a positive int (kept PARTIAL widths are its multiples), got "
                              f"{round_to!r}")
-        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to)
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+            raise ValueError(f"tokens must be a positive int (rows per call to time the forms at), got {tokens!r}")
+        if objective == "latency":
+            if tokens is None and example is None:
+                raise ValueError("objective='latency' times every candidate form at the token count you will serve: "
+                                 "pass example= (an input the model takes) or tokens=N")
+            tokens = tokens if tokens is not None else tokens_of(example)
+        elif tokens is not None or example is not None:
+            raise ValueError(f"example= and tokens= set the token count of objective='latency'; objective is "
+                             f"{objective!r}")
+        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to, tokens)
         if opts.budget and calib is None:
             raise ValueError("max_error and target are measured on calibration data: pass calib= (a batch of "
                              "typical inputs, an (input, target) tuple or a DataLoader)")
         if opts.budget and force:
             raise ValueError("force=True collapses every joint, a budget chooses which: pass one of them")
         return opts
+
+
+def tokens_of(example: object) -> int:
+    """Rows a site sees for ``example``: leading dims of a tensor, ``batch x sequence`` of token ids."""
+    if isinstance(example, dict):
+        ids = example.get("input_ids", example.get("inputs_embeds"))
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+            return int(ids.shape[0] * ids.shape[1])
+        example = next((v for v in example.values() if isinstance(v, torch.Tensor)), None)
+    if isinstance(example, (tuple, list)) and example:
+        example = example[0]
+    if isinstance(example, torch.Tensor) and example.dim() >= 1 and example.numel():
+        if example.is_floating_point():
+            return max(1, example.numel() // example.shape[-1]) if example.dim() > 1 else 1
+        return int(example.numel())  # token ids
+    raise TypeError(f"example must be an input the model takes (a tensor, a tuple, or a dict with input_ids), got "
+                    f"{type(example).__name__}")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 MERGE, FACTOR, KEEP, PARTIAL = "MERGE", "FACTOR", "KEEP", "PARTIAL"
 DECISIONS = (MERGE, FACTOR, KEEP, PARTIAL)
-OBJECTIVES = ("flops", "params")
+OBJECTIVES = ("flops", "params", "latency")
 PLAN_FORMAT = 1
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..integrations import PrepareOptions, PreparedSites, handlers
 from ..integrations.registry import FilterFn
+from .describe import PREPARED_KEY, _describe_untouched
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ def prepare_(
         visited.add(id(m))
         for handler in handlers():
             handler(m, path, opts)
+    known = model.__dict__.setdefault(PREPARED_KEY, {})
+    for path in opts.result:
+        known[path] = _describe_untouched(model.get_submodule(path) if path else model)
     for p, reason in opts.result.skipped:
         log.info("prepare_: skipped %s: %s", p, reason)
     return opts.result
