@@ -5,6 +5,7 @@ from .finetune import FinetuneHistory, finetune  # noqa: E402
 from .integrations import register_handler  # noqa: E402
 from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
 from .planning import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
+from .speedup import SpeedupReport, speedup  # noqa: E402
 from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
 from .transforms import collapse_, load_collapsed, prepare_, save_collapsed, strip_  # noqa: E402
 
@@ -28,6 +29,8 @@ __all__ = [
     "strip_",
     "compress",
     "CompressReport",
+    "speedup",
+    "SpeedupReport",
     "finetune",
     "FinetuneHistory",
 ]

@@ -98,3 +98,27 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
     finally:
         gc.enable()
     return {name: Timing.of(s, calls_per_round[name]) for name, s in samples.items()}
+
+
+@dataclass
+class Ratio:
+    """``before / after`` of two timings from the same interleaved run, with its spread."""
+
+    value: float
+    low: float  # q1(before) / q3(after): the pessimistic end
+    high: float  # q3(before) / q1(after)
+
+    @classmethod
+    def of(cls, before: Timing, after: Timing) -> "Ratio":
+        return cls(before.median / after.median, before.q1 / after.q3, before.q3 / after.q1)
+
+    @property
+    def measurable(self) -> bool:
+        """False when the spread covers 1.0x: the two are not told apart."""
+        return not (self.low <= 1.0 <= self.high)
+
+    def __str__(self) -> str:
+        spread = f"{self.low:.2f}-{self.high:.2f}"
+        if not self.measurable:
+            return f"no measurable change ({self.value:.2f}x, spread {spread})"
+        return f"{self.value:.2f}x (spread {spread})"

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +19,7 @@ import lc_kernels as lc
 from lc_kernels.cli._args import nonneg_float, nonneg_int, positive_int, usage_error
 from lc_kernels.planning.cost import linear_flops
 from lc_kernels.testing import rel_err
+from lc_kernels.timing import Ratio, Timing, time_interleaved
 
 
 @dataclass
@@ -34,6 +33,7 @@ class RunResult:
     flops_after: int
     ms_before: float
     ms_after: float
+    speedup: str = ""  # median ratio with its spread, or "no measurable change"
     alphas: dict[str, float] = field(default_factory=dict)
     linear_joints: int = 0
     joints: int = 0
@@ -109,22 +109,17 @@ def _alpha_str(model: nn.Module) -> str:
     return " ".join(f"{a:.2f}" for a in site_alphas(model).values())
 
 
-def paired_latency_ms(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int = 40) -> tuple[float, float]:
-    """Median forward time (ms) of ``a`` and ``b``, timed alternately in one loop.
+def paired_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 21) -> tuple[Timing, Timing]:
+    """Forward time of ``a`` and ``b`` in interleaved rounds (the benchmarks' timer).
 
-    Alternating matters on a shared 2-core machine: timing one model after the other let
-    background load land on one of them (a 2.5x "speedup" of a model against its own copy).
+    Interleaving matters on a shared machine: timing one model after the other lets background
+    load land on one of them and shows a "speedup" of a model against its own copy.
     """
     a.eval(), b.eval()
-    ta, tb = [], []
     with torch.inference_mode():
-        for i in range(repeats + 5):
-            for model, out in ((a, ta), (b, tb)):
-                t = time.perf_counter()
-                model(x)
-                if i >= 5:  # warm-up
-                    out.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(ta)), 1e3 * float(np.median(tb))
+        t = time_interleaved({"a": lambda: a(x), "b": lambda: b(x)}, torch.device("cpu"), rounds=rounds, warmup=3,
+                             min_time=0.02)
+    return t["a"], t["b"]
 
 
 def linear_baseline(xtr, ytr, xte, yte, *, epochs: int, seed: int) -> float:
@@ -163,12 +158,12 @@ def run_one(name: str, data, args, *, strength: float, regularize: str) -> tuple
     lc.collapse_(collapsed, plan, calib=xcal)
     bench_x = xte.repeat((args.latency_batch + len(xte) - 1) // len(xte), 1)[: args.latency_batch]
     lin, total = plan.joint_counts()
-    ms = paired_latency_ms(model, collapsed, bench_x)
+    ta, tb = paired_latency(model, collapsed, bench_x)
     res = RunResult(
         name=name, acc_before=accuracy(model, xte, yte), acc_after=accuracy(collapsed, xte, yte),
         params_before=_params(model), params_after=_params(collapsed),
         flops_before=linear_flops(model), flops_after=linear_flops(collapsed),
-        ms_before=ms[0], ms_after=ms[1],
+        ms_before=1e3 * ta.median, ms_after=1e3 * tb.median, speedup=str(Ratio.of(ta, tb)),
         alphas=site_alphas(model), linear_joints=lin, joints=total,
         est_error=plan.measured_error, measured_error=output_error(model, collapsed, xcal),
     )
@@ -209,7 +204,7 @@ def format_table(results: list[RunResult], baseline: float) -> str:
             r.name, f"{r.acc_before:.2%}", f"{r.acc_after:.2%} ({100 * (r.acc_after - r.acc_before):+.2f} pp)",
             f"{r.linear_joints}/{r.joints}", f"{r.params_before:,} -> {r.params_after:,}",
             f"{r.flops_before:,} -> {r.flops_after:,} ({r.flops_before / r.flops_after:.1f}x)",
-            f"{r.ms_before:.3f} -> {r.ms_after:.3f}", f"{r.ms_before / r.ms_after:.2f}x",
+            f"{r.ms_before:.3f} -> {r.ms_after:.3f}", r.speedup,
             f"{_e(r.est_error)} / {_e(r.measured_error)}",
         ))
     w = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]

@@ -156,7 +156,7 @@ def _units(cal: Calibration, tol: float, objective: str) -> tuple[list[Unit], di
         if options:
             units.append(Unit(i, 0, [[]] + options))
         else:
-            no_saving[i] = (f"collapsing saves no {objective}: hidden width {h} <= "
+            no_saving[i] = (f"collapsing saves no {_name(objective)}: hidden width {h} <= "
                             f"{d_in}*{d_out}/({d_in}+{d_out}) makes one merged Linear no cheaper")
     return units, no_saving
 
@@ -204,7 +204,7 @@ def _units_fitted(cal: FittedCalibration, opts: PlanOptions, objective) -> tuple
                 units.append(Unit(i, j, [[]] + options))
             elif len(site.acts) == 1:
                 d_in, _, d_out = site.widths
-                no_saving[i] = (f"collapsing saves no {objective}: hidden width {h} <= "
+                no_saving[i] = (f"collapsing saves no {_name(objective)}: hidden width {h} <= "
                                 f"{d_in}*{d_out}/({d_in}+{d_out}) makes one merged Linear no cheaper")
     return units, no_saving
 
@@ -219,7 +219,7 @@ def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=No
     s = Search(cal, units, objective)
     total = s.saving(s.full)
     if target is not None and total == 0:
-        raise ValueError(f"target {target:g} cannot be met: no site's collapse saves {objective} under the cost model")
+        raise ValueError(f"target {target:g} cannot be met: no site's collapse saves {_name(objective)} under the cost model")
     n = s.n_combinations()
     if search == "exhaustive" and n > MAX_EXHAUSTIVE:
         raise ValueError(f"exhaustive search over {n} combinations exceeds {MAX_EXHAUSTIVE} forward passes; "
@@ -230,7 +230,7 @@ def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=No
     err = s.error(combo)
     if target is not None and max_error is not None and err > max_error:
         raise ValueError(f"no plan meets max_error {max_error:g} and target {target:g}: the least-error plan the {used} search found removing {target:.0%} of "
-                         f"the collapsible {objective} has measured error {err:.3e} > {max_error:g}; raise max_error "
+                         f"the collapsible {_name(objective)} has measured error {err:.3e} > {max_error:g}; raise max_error "
                          "or lower target")
 
     chosen: dict[int, Chosen] = {i: [[] for _ in sm.site.acts] for i, sm in enumerate(cal.sites)}
@@ -244,12 +244,18 @@ def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=No
             reasons[u.site][u.joint] = "chosen by the budget" + (
                 f": its {len(ch)}/{h} lowest-residual channels fold into a skip Linear" if len(ch) < h else "")
     plan = CollapsePlan([build_site_plan(sm.site, chosen[i], reasons[i], objective) for i, sm in enumerate(cal.sites)],
-                        tol, objective, max_error=max_error, target=target, search=used)
+                        tol, opts.objective, max_error=max_error, target=target, search=used)
     saved = s.saving(combo)
     plan.notes += [
         f"search: {used} over {len(units)} candidate joints ({n} combinations, {cal.passes} forward passes"
         + (f"; exhaustive up to {MAX_EXHAUSTIVE})" if used == "greedy" else ")"),
-        f"removes {saved / total if total else 0:.1%} of the collapsible {objective} ({saved} of {total} per token); "
-        "tol does not block a site under a budget",
+        (f"removes {saved / total if total else 0:.1%} of the collapsible {opts.objective} ({saved} of {total} per "
+         "token); " if isinstance(objective, str) else
+         f"removes {saved / total if total else 0:.1%} of the collapsible sites' measured time "
+         f"({1e3 * saved:.3f} of {1e3 * total:.3f} ms per call); ") + "tol does not block a site under a budget",
     ]
     return plan
+
+
+def _name(objective) -> str:
+    return objective if isinstance(objective, str) else "latency"

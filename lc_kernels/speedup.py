@@ -1,0 +1,75 @@
+"""``speedup``: the end-to-end speedup a plan predicts beside the one measured, on this device.
+
+Predicted: the model's measured time minus what the plan saves at its sites, each site's forms
+timed by the latency table the planner uses (:mod:`~lc_kernels.planning.latency`). Measured: the
+model and a collapsed copy timed in interleaved rounds at ``example``. Both carry their spread; a
+measured ratio whose spread covers 1.0x is reported as "no measurable change".
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .planning import CollapsePlan
+from .planning.cost import decisions_cost
+from .planning.inputs import calib_batches, run_model
+from .planning.latency import LatencyTable
+from .planning.options import tokens_of
+from .timing import Ratio, Timing, time_interleaved
+from .transforms import collapse_
+
+
+@dataclass
+class SpeedupReport:
+    tokens: int
+    model_before: Timing
+    model_after: Timing
+    sites_before_s: float  # the planned sites, from the latency table
+    sites_after_s: float
+    measured: Ratio
+    predicted: float
+
+    def __str__(self) -> str:
+        return "\n".join([
+            f"end-to-end at {self.tokens} tokens: model {1e3 * self.model_before.median:.2f} ms "
+            f"(IQR {self.model_before.iqr_pct:.0f}%) -> {1e3 * self.model_after.median:.2f} ms "
+            f"(IQR {self.model_after.iqr_pct:.0f}%)",
+            f"  predicted {self.predicted:.2f}x (collapsible sites {1e3 * self.sites_before_s:.2f} -> "
+            f"{1e3 * self.sites_after_s:.2f} ms in the latency table)",
+            f"  measured  {self.measured}",
+        ])
+
+
+def speedup(model: nn.Module, plan: CollapsePlan, example: object, *, calib: object = None,
+            forward_fn=None, rounds: int = 15, min_time: float = 0.05) -> SpeedupReport:
+    """Predicted and measured end-to-end speedup of ``plan`` on ``model`` at ``example``.
+
+    ``model`` is not changed: a copy is collapsed (a fitted plan needs its ``calib``).
+    """
+    if not isinstance(plan, CollapsePlan):
+        raise TypeError(f"plan must be a CollapsePlan, got {type(plan).__name__}")
+    p = next(t for t in model.parameters() if t.is_floating_point())
+    tokens = tokens_of(example)
+    table = LatencyTable(p.device, p.dtype, tokens)
+    before = sum(decisions_cost(sp.widths, ["KEEP"] * len(sp.joints), None, table) for sp in plan.sites)
+    after = sum(decisions_cost(sp.widths, [j.decision for j in sp.joints], [j.linear_channels for j in sp.joints],
+                               table) for sp in plan.sites)
+    collapsed = copy.deepcopy(model)
+    collapse_(collapsed, plan, calib=calib, forward_fn=forward_fn, force=True)
+    (batch,) = calib_batches(model, [example], forward_fn=forward_fn)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval(), collapsed.eval()
+    try:
+        with torch.inference_mode():
+            t = time_interleaved({"before": lambda: run_model(model, batch, 0, forward_fn),
+                                  "after": lambda: run_model(collapsed, batch, 0, forward_fn)},
+                                 p.device, rounds=rounds, warmup=2, min_time=min_time)
+    finally:
+        for m, training in modes:
+            m.training = training
+    tb, ta = t["before"], t["after"]
+    predicted = tb.median / max(tb.median - (before - after), 1e-12)
+    return SpeedupReport(tokens, tb, ta, before, after, Ratio.of(tb, ta), predicted)

@@ -1,0 +1,77 @@
+"""objective="latency": measured tables, cached; predicted vs measured speedup; honest ratios."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lc_kernels as lc
+from lc_kernels.planning.latency import LatencyTable
+from lc_kernels.timing import Ratio, Timing
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("LC_KERNELS_CACHE", str(tmp_path / "cache"))
+    yield
+
+
+def model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16))
+    lc.prepare_(m)
+    return m.eval()
+
+
+def fast(monkeypatch):
+    # Timing accuracy is not under test here: the fewest rounds the timer allows.
+    real = LatencyTable.__init__
+    monkeypatch.setattr(LatencyTable, "__init__", lambda self, *a, **k: real(self, *a, **{**k, "rounds": 2,
+                                                                                         "min_time": 0.0}))
+
+
+def test_latency_plan_measures_once_and_caches(tmp_path, monkeypatch):
+    fast(monkeypatch)
+    m, x = model(), torch.randn(64, 16)
+    plan = lc.plan_collapse(m, calib=x, target=0.5, objective="latency", example=x)
+    assert plan.objective == "latency"
+    assert "latency: every candidate form timed at 64 tokens" in plan.notes[-1]
+    path = tmp_path / "cache" / "latency.json"
+    table = json.loads(path.read_text())
+    assert table and all(k.split("|")[2] == "64" and v > 0 for k, v in table.items())
+    again = lc.plan_collapse(m, calib=x, target=0.5, objective="latency", tokens=64)
+    assert "(0 measured now" in again.notes[-1]
+    assert [s.decision for s in again.sites] == [s.decision for s in plan.sites]
+    json.loads(json.dumps(plan.to_dict()))  # the plan still serialises
+    lc.collapse_(copy.deepcopy(m), plan, calib=x)
+
+
+def test_latency_objective_needs_a_token_count():
+    with pytest.raises(ValueError, match="pass example= .* or tokens=N"):
+        lc.plan_collapse(model(), objective="latency")
+    with pytest.raises(ValueError, match="tokens must be a positive int"):
+        lc.plan_collapse(model(), objective="latency", tokens=0)
+    with pytest.raises(ValueError, match="set the token count of objective='latency'"):
+        lc.plan_collapse(model(), tokens=64)
+
+
+def test_speedup_reports_predicted_beside_measured(monkeypatch):
+    fast(monkeypatch)
+    m, x = model(), torch.randn(64, 16)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    plan = lc.plan_collapse(m, calib=x, target=0.5)
+    rep = lc.speedup(m, plan, x, calib=x, rounds=3, min_time=0.0)
+    assert rep.predicted > 0 and rep.measured.value > 0
+    text = str(rep)
+    assert "predicted" in text and "measured" in text
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_a_ratio_within_its_spread_is_no_measurable_change():
+    t = lambda med, q1, q3: Timing(med, q1, q3, q1, q3, 5, 1)  # noqa: E731
+    same = Ratio.of(t(1.0, 0.9, 1.1), t(0.95, 0.85, 1.05))
+    assert not same.measurable and str(same).startswith("no measurable change")
+    faster = Ratio.of(t(2.0, 1.9, 2.1), t(1.0, 0.95, 1.05))
+    assert faster.measurable and str(faster).startswith("2.00x")
