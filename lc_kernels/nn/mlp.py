@@ -108,9 +108,11 @@ class LCFusedMLP(nn.Module):
     ):
         super().__init__()
         for name, v in (("in_features", in_features), ("hidden_features", hidden_features)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         out_features = in_features if out_features is None else out_features
+        if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
+            raise ValueError(f"out_features must be a positive int (or None for in_features), got {out_features!r}")
         if num_alphas not in (1, hidden_features):
             raise ValueError(
                 f"num_alphas must be 1 (one slope) or hidden_features={hidden_features} (per channel), got {num_alphas}"
@@ -224,6 +226,10 @@ class LCChain(nn.Module):
         norms = list(norms) if norms is not None else [None] * n
         norm_pre = list(norm_pre) if norm_pre is not None else [False] * n
         drops = list(drops) if drops is not None else [None] * n
+        for name, v in (("norms", norms), ("norm_pre", norm_pre), ("drops", drops)):
+            if len(v) != n:
+                raise ValueError(f"LCChain: {name} has {len(v)} entries but the chain has {n} joints (one per "
+                                 f"activation); pass one per joint, None where there is none")
         for i in range(n):
             if linears[i].out_features != linears[i + 1].in_features:
                 raise ValueError(

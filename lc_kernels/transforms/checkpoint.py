@@ -31,6 +31,7 @@ from .._version import __version__
 from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCChain, LCFusedMLP
 from ..planning import KEEP, MERGE, CollapsePlan, SitePlan
+from .atomic import atomic
 from .collapse import _check_site_matches, _record, apply_site
 from .describe import _JOINT_FIELDS, PREPARED_KEY, _describe_untouched, _dtype, _joint, _unknown_joint
 from .prepare import prepare_
@@ -219,8 +220,9 @@ def load_collapsed(model: nn.Module, path: str | os.PathLike) -> CollapsePlan | 
     _replay(trial, plans)
     _compare(arch, fresh)
     state = _state_from_file(trial, tensors, meta.get("aliases", {}))
-    rebuild_(model, plans, layout, arch)  # validated on the copy: the same steps cannot fail now
-    model.load_state_dict(state)
+    with atomic(model, "load_collapsed"):  # validated on the copy; still all or nothing
+        rebuild_(model, plans, layout, arch)
+        model.load_state_dict(state)
     model.__dict__[PREPARED_KEY] = fresh
     return plans[-1] if plans else None
 

@@ -89,10 +89,8 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
         raise TypeError(f"pass either a plan or planning options, not both (got {sorted(plan_kwargs)})")
     if not isinstance(plan, CollapsePlan):
         raise TypeError(f"plan must be a CollapsePlan, got {type(plan).__name__}")
-    refused = [] if force else _refusals(plan)
-    if refused:
-        raise ValueError("collapse refused, outputs would change beyond the plan's bound: " + "; ".join(refused)
-                         + ". Re-plan, or pass force=True to accept the change.")
+    if any(t.is_meta for t in model.parameters()):
+        raise ValueError("collapse_ got a model on the meta device (no weights to merge); materialise and load it first")
     paths = [sp.path for sp in plan.sites]
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
@@ -100,6 +98,11 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     mods = [_check_site_matches(model, sp) for sp in plan.sites]
     for m, sp in zip(mods, plan.sites):
         _check_joints(m, sp)
+    refused = [] if force else _refusals(plan)
+    if refused:
+        raise ValueError("collapse refused, outputs would change beyond the plan's bound: " + "; ".join(refused)
+                         + ". Re-plan, or pass force=True to accept the change.")
+    for m, sp in zip(mods, plan.sites):
         _check_alphas(m, sp)
         if sp.changes:
             _check_finite(m, sp.path)
@@ -116,7 +119,13 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
         with eval_no_grad(model):
             blocks, _ = fit_sequential(model, sites, {i: site_decisions(sp) for i, sp in changing.items()}, batches,
                                        forward_fn)
+    training_bn = [sp.path for i, sp in changing.items() if any(
+        isinstance(n, nn.BatchNorm1d) and n.training for n in ([mods[i].norm] if isinstance(mods[i], LCFusedMLP)
+                                                                 else list(mods[i].norms)))]
     with atomic(model, "collapse_"):
+        if training_bn:
+            plan.notes.append(f"BatchNorm at {training_bn} folded with its running statistics (eval semantics); "
+                              "the model was in train mode, where BatchNorm uses batch statistics instead")
         for i, sp in changing.items():
             parts = collapsed_modules(mods[i], blocks.get(i) or site_blocks(mods[i], sp))
             check_weights(parts, sp.path)
@@ -149,7 +158,7 @@ def _check_joints(m: nn.Module, sp: SitePlan) -> None:
 def _check_train_norm(m: nn.Module, path: str) -> None:
     norms = [m.norm] if isinstance(m, LCFusedMLP) else list(m.norms)
     for n in norms:
-        if isinstance(n, nn.BatchNorm1d) and n.training and (n.running_mean is None or not n.track_running_stats):
+        if isinstance(n, nn.BatchNorm1d) and (n.running_mean is None or n.running_var is None):
             raise ValueError(f"site {path!r}: its BatchNorm1d has no running statistics (track_running_stats=False), "
                              "so it normalises each batch by that batch's statistics, which no fixed Linear can "
                              "reproduce; keep this site (KEEP) or train with running statistics")

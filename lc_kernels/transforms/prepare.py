@@ -8,6 +8,7 @@ from torch import nn
 
 from ..integrations import PrepareOptions, PreparedSites, handlers
 from ..integrations.registry import FilterFn
+from .atomic import atomic
 from .describe import PREPARED_KEY, _describe_untouched
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,17 @@ def prepare_(
     if not isinstance(alpha_init, (int, float)) or not math.isfinite(alpha_init):
         raise ValueError(f"alpha_init must be a finite float (0 keeps the activation as is), got {alpha_init!r}")
     opts = PrepareOptions(filter_fn, float(alpha_init), bool(per_channel))
+    if any(t.is_meta for t in model.parameters()):
+        raise ValueError("prepare_ got a model on the meta device (no weights to reuse); materialise it first, e.g. "
+                         "model.to_empty(device='cpu') and load its state dict")
     visited: set[int] = set()
-    for path, m in list(model.named_modules()):
-        if _inside_site(path, opts.result) or id(m) in visited:
-            continue
-        visited.add(id(m))
-        for handler in handlers():
-            handler(m, path, opts)
+    with atomic(model, "prepare_"):
+        for path, m in list(model.named_modules()):
+            if _inside_site(path, opts.result) or id(m) in visited:
+                continue
+            visited.add(id(m))
+            for handler in handlers():
+                handler(m, path, opts)
     known = model.__dict__.setdefault(PREPARED_KEY, {})
     for path in opts.result:
         known[path] = _describe_untouched(model.get_submodule(path) if path else model)
