@@ -84,8 +84,7 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
     sites = collapsible_sites(model)
     cost = cost_objective(model, opts)
     if opts.calib is None:
-        plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites],
-                            opts.tol, opts.objective, forced=opts.force)
+        plan = _threshold_plan(sites, opts, cost)
         plan.notes.append("est. error: max |1-alpha| over collapsed joints (no calibration data given)")
         return _note_latency(plan, cost)
     batches = calib_batches(model, opts.calib, forward_fn=opts.forward_fn)
@@ -93,11 +92,7 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         return _note_latency(_fitted_plan(model, sites, batches, opts, cost), cost)
     with eval_no_grad(model):
         cal = Calibration(model, sites, batches, opts.forward_fn)
-        if opts.budget:
-            plan = budget_plan(cal, opts, cost)
-        else:
-            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites],
-                                opts.tol, opts.objective, forced=opts.force)
+        plan = budget_plan(cal, opts, cost) if opts.budget else _threshold_plan(sites, opts, cost)
         config = {i: chosen_of(s, sp) for i, (s, sp) in enumerate(zip(sites, plan.sites))}
         for i, sp in enumerate(plan.sites):
             sp.est_error = cal.site_error(i, config[i]) if sp.changes else 0.0
@@ -112,6 +107,12 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         f"{plan.measured_error:.3e}",
     ]
     return _note_latency(plan, cost)
+
+
+def _threshold_plan(sites: list[Site], opts: PlanOptions, cost) -> CollapsePlan:
+    """No budget: each site's joints within ``tol`` of alpha = 1 (or every joint, with force)."""
+    return CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites], opts.tol,
+                        opts.objective, forced=opts.force)
 
 
 def cost_objective(model: nn.Module, opts: PlanOptions):
@@ -134,11 +135,7 @@ def _note_latency(plan: CollapsePlan, cost) -> CollapsePlan:
 def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanOptions, cost) -> CollapsePlan:
     with eval_no_grad(model):
         cal = FittedCalibration(model, sites, batches, opts.forward_fn)
-        if opts.budget:
-            plan = budget_plan(cal, opts, cost)
-        else:
-            plan = CollapsePlan([plan_site(s, opts.tol, force=opts.force, objective=cost) for s in sites],
-                                opts.tol, opts.objective, forced=opts.force)
+        plan = budget_plan(cal, opts, cost) if opts.budget else _threshold_plan(sites, opts, cost)
         plan.fit, plan.round_to = True, opts.round_to
         while True:
             changes = {i: sp for i, sp in enumerate(plan.sites) if sp.changes}

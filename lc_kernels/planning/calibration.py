@@ -25,7 +25,7 @@ from torch import nn
 
 from ..algebra import Affine, canonical_affines
 from ..ops.reference import base_activation, collapsible_activation
-from .inputs import Batch, ForwardFn, flat_output, run_model
+from .inputs import Batch, ForwardFn, flat_output, output_norm, run_model
 from .plan import KEEP, PARTIAL, SitePlan
 from .sites import Site, joint_width
 
@@ -111,11 +111,7 @@ class Calibration:
         finally:
             for h in handles:
                 h.remove()
-        y2 = sum(float(r.pow(2).sum()) for r in self.reference)
-        if not math.isfinite(y2) or y2 == 0:
-            raise ValueError(f"the model's output on calib has norm {math.sqrt(y2)}; a relative error needs a "
-                             "finite, non-zero output")
-        self.y_norm = math.sqrt(y2)
+        self.y_norm = output_norm(self.reference)
         self.rows = sum(b.n_rows for b in batches)
 
     def _forward(self, batch: Batch, i: int) -> object:

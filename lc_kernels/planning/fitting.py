@@ -33,7 +33,7 @@ from ..algebra import (
 )
 from .calibration import Chosen
 from .cost import decisions_for, partial_conflict
-from .inputs import Batch, ForwardFn, flat_output, run_model
+from .inputs import Batch, ForwardFn, flat_output, output_norm, run_model
 from .sites import Site, joint_width
 
 
@@ -212,11 +212,7 @@ class FittedCalibration:
             return f
 
         self.reference = self.runner.run(observe={i: observe(i) for i in range(len(sites))}, outputs=True)
-        y2 = sum(float(r.pow(2).sum()) for r in self.reference)
-        if not math.isfinite(y2) or y2 == 0:
-            raise ValueError(f"the model's output on calib has norm {math.sqrt(y2)}; a relative error needs a "
-                             "finite, non-zero output")
-        self.y_norm = math.sqrt(y2)
+        self.y_norm = output_norm(self.reference)
         self.rows = sum(b.n_rows for b in batches)
         rows, n = 0, 0
         for b in batches:

@@ -10,6 +10,7 @@ positions only.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -241,3 +242,12 @@ def _parts(out: object, batch: Batch | None) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [p for v in out if v is not None for p in _parts(v, batch)]
     return []
+
+
+def output_norm(reference: list[torch.Tensor]) -> float:
+    """``||y||`` of the model's outputs on calib; a relative error needs it finite and non-zero."""
+    y2 = sum(float(r.pow(2).sum()) for r in reference)
+    if not math.isfinite(y2) or y2 == 0:
+        raise ValueError(f"the model's output on calib has norm {math.sqrt(y2)}; a relative error needs a "
+                         "finite, non-zero output")
+    return math.sqrt(y2)
