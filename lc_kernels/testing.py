@@ -5,6 +5,6 @@ import torch
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; NaN anywhere gives NaN."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
+    """``||out - ref|| / ||ref||`` in float64; NaN anywhere gives NaN, a zero reference no division by 0."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()

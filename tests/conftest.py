@@ -2,6 +2,8 @@ import os
 
 import torch
 
+from lc_kernels.testing import rel_err  # noqa: F401  (tests import it from here too)
+
 # Triton reads TRITON_INTERPRET once, at import: set it before anything imports triton, and
 # only where there is no GPU (on CUDA the kernels run natively).
 if not torch.cuda.is_available():
@@ -27,9 +29,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` computed in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()

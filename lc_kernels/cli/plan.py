@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..planning import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
+from ..planning.inputs import calib_batches
 from ..planning.options import SEARCHES
 from ..transforms import load_collapsed, read_checkpoint, rebuild_
 from ._args import fraction, nonneg_float, positive_int
@@ -193,20 +194,11 @@ def load_calib(path: str, model: nn.Module, *, key: str | None = None, rows: int
         data = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"--calib {path}: unknown extension {ext!r}; expected .pt, .pth, .npy or .npz")
-    batches = [data] if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data and
-                                                            isinstance(data[0], torch.Tensor)) else data
-    if not isinstance(batches, (list, tuple)):
+    if isinstance(data, (torch.Tensor, tuple)):
+        data = [data]
+    if not isinstance(data, list):
         raise TypeError(f"--calib {path} holds {type(data).__name__}; expected a tensor, an (input, ...) tuple "
                         "or a list of those")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    out, left = [], rows
-    for b in batches:
-        x = b[0] if isinstance(b, (tuple, list)) and b else b
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            x = x.to(dtype)
-        if left is not None and isinstance(x, torch.Tensor) and x.dim() > 1:
-            x, left = x[:left], left - min(left, x.shape[0])
-        out.append(x)
-        if left == 0:
-            break
-    return out
+    # One normalisation for every caller: the library's, with the CLI's casting and row limit.
+    return calib_batches(model, data, cast_to=dtype, max_rows=rows)

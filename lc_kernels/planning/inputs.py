@@ -159,6 +159,9 @@ def calib_batches(
     capacity = _positional_capacity(model)
     batches, left = [], max_rows
     for i, item in enumerate(items):
+        if isinstance(item, Batch):  # already normalised (the CLI's file loader)
+            batches.append(item)
+            continue
         if forward_fn is not None:
             batches.append(Batch((), {}, _to_tree(item, device, cast_to), _mask_of(item, i)
                                  if isinstance(item, dict) else None))
