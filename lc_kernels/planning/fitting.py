@@ -332,7 +332,13 @@ def fit_sequential(model: nn.Module, sites: list[Site], plans: dict[int, tuple[l
 
 class _BlockEquations:
     """Normal equations of one block: its input (through the already-fitted blocks before it) to
-    the original site's value at its end (minus the narrow MLP's part, for a partial block)."""
+    the original site's value at its end.
+
+    A partial block refits its kept channels' output weights together with the skip: the
+    regressors are ``[act(fc1 x), x, 1]``, so the kept channels also absorb what of the folded
+    channels' nonlinear remainder they can (pruning's reconstruction step). Its prior is the exact
+    partial merge, which the fit returns wherever the folded channels are already linear.
+    """
 
     def __init__(self, b: Block, k: int, blocks: list[Block], sm: SiteModel):
         self.b, self.k, self.blocks, self.sm = b, k, blocks, sm
@@ -345,7 +351,7 @@ class _BlockEquations:
         target = original_values(self.sm.affines, self.sm.acts, rows)[self.b.last + 1]
         if isinstance(self.b, PartialBlock):
             h = apply_act(torch.nn.functional.linear(a_in, self.b.fc1.weight, self.b.fc1.bias), self.b.act)
-            target = target - torch.nn.functional.linear(h, self.b.fc2.weight)
+            a_in = torch.cat([h, a_in], dim=1)
         a = with_ones(a_in)
         ata, aty = a.T @ a, a.T @ target
         self.ata = ata if self.ata is None else self.ata + ata
@@ -353,10 +359,15 @@ class _BlockEquations:
         self.rows += rows.shape[0]
 
     def solve(self, ridge: float) -> None:
-        if isinstance(self.b, LinearBlock):
-            self.b.map = ridge_fit(self.ata, self.aty, self.b.map, ridge)
-        else:
-            self.b.skip = ridge_fit(self.ata, self.aty, self.b.skip, ridge)
+        b = self.b
+        if isinstance(b, LinearBlock):
+            b.map = ridge_fit(self.ata, self.aty, b.map, ridge)
+            return
+        kept = b.fc2.weight.shape[1]
+        prior = Affine(torch.cat([b.fc2.weight, b.skip.weight], dim=1), b.skip.bias)
+        fit = ridge_fit(self.ata, self.aty, prior, ridge)
+        b.fc2 = Affine(fit.weight[:, :kept].contiguous(), torch.zeros_like(fit.bias))
+        b.skip = Affine(fit.weight[:, kept:].contiguous(), fit.bias)
 
 
 def site_decisions(sp) -> tuple[list[str], list]:
