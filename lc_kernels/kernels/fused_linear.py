@@ -135,3 +135,27 @@ CONFIGS = [
 INTERPRETER_CONFIGS = [_config(16, 16, 16, 1, 1)]
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET"]
+
+# A config's software pipeline keeps num_stages tiles of x (BLOCK_M x BLOCK_K) and w
+# (BLOCK_N x BLOCK_K) in shared memory. sm_80 allows 166,912 bytes per block (sm_90 232,448): a
+# config over that for the element size at hand never launches (the ahead-of-time compile test
+# found the 128x256x64 three-stage tile at 294,912 bytes in fp32), so the autotuner drops it.
+MAX_SHARED_BYTES = 166_912
+
+
+def shared_bytes(meta: dict, num_stages: int, elem_bytes: int) -> int:
+    return num_stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * elem_bytes
+
+
+def fits(meta: dict, num_stages: int, elem_bytes: int) -> bool:
+    return shared_bytes(meta, num_stages, elem_bytes) <= MAX_SHARED_BYTES
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs whose pipeline fits in shared memory for the input's element size."""
+    elem = named_args["x_ptr"].element_size()
+    kept = [c for c in configs if fits(c.kwargs, c.num_stages, elem)]
+    return kept or configs[-1:]
+
+
+PRUNE = {"early_config_prune": prune_configs}

@@ -103,7 +103,8 @@ def tuned_kernels() -> tuple[Any, Any]:
 
     interpret = _config.triton_interpret()
     linear = triton.autotune(
-        configs=fl.INTERPRETER_CONFIGS if interpret else fl.CONFIGS, key=fl.AUTOTUNE_KEY
+        configs=fl.INTERPRETER_CONFIGS if interpret else fl.CONFIGS, key=fl.AUTOTUNE_KEY,
+        prune_configs_by=None if interpret else fl.PRUNE,
     )(fl.fused_linear_kernel)
     mlp = triton.autotune(
         configs=fm.INTERPRETER_CONFIGS if interpret else fm.CONFIGS, key=fm.AUTOTUNE_KEY
