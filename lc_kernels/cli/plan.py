@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--search", choices=SEARCHES, default="auto",
                       help="budget search (default auto: exhaustive when small)")
     plan.add_argument("--objective", choices=OBJECTIVES, default="flops", help="what the plan minimises")
+    plan.add_argument("--tokens", type=positive_int, metavar="N",
+                      help="--objective latency: time every candidate form at N tokens per call")
     plan.add_argument("--force", action="store_true", help="collapse every joint whatever tol says")
     parser.add_argument("--json", metavar="PATH", help="also write the applied plans and the new plan as JSON")
 
@@ -103,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     calib = None if args.calib is None else load_calib(args.calib, model, key=args.calib_key, rows=args.calib_rows)
     plan = plan_collapse(model, tol=args.tol, calib=calib, max_error=args.max_error, target=args.target,
-                         force=args.force, objective=args.objective, search=args.search)
+                         force=args.force, objective=args.objective, search=args.search, tokens=args.tokens)
     print(plan)
     _write_json(args.json, applied, plan)
     return 0
