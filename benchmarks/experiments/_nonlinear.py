@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import accuracy  # noqa: F401  (the experiments' one accuracy; nonlinear_task uses N.accuracy)
+
 D_IN, N_CLASSES, LATENT, PER_CLASS, SIGMA = 40, 10, 6, 6, 0.55
 N_TRAIN, N_VAL, N_TEST = 50_000, 5_000, 10_000
 HIDDEN = (512, 512, 512)
@@ -135,15 +137,6 @@ def train(model: nn.Module, data: tuple[Split, Split, Split], epochs: int | None
             if step == total:
                 break
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train(was)
-    return acc
 
 
 def mlp_flops(model: nn.Module) -> int:

@@ -99,14 +99,8 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
             sp.error_source = ("calib: site not reached" if not cal.inputs[i] else
                                "calib: exact residual" if len(sites[i].acts) == 1 else "calib: float64 re-run")
         plan.measured_error = cal.model_error(config)
-    plan.calib_rows = cal.rows
-    plan.notes[:0] = [
-        f"est. error: ||delta|| / ||y|| at each site's output on {cal.rows} calibration rows, from the exact "
-        "residual (1-alpha)*W2*(base(z)-z) (chains: re-run in float64)",
-        f"measured model-output error ||dy|| / ||y|| with the planned sites collapsed together: "
-        f"{plan.measured_error:.3e}",
-    ]
-    return _note_latency(plan, cost)
+    return _note_latency(_calibrated_notes(plan, cal.rows, "from the exact residual (1-alpha)*W2*(base(z)-z) "
+                                           "(chains: re-run in float64)"), cost)
 
 
 def _threshold_plan(sites: list[Site], opts: PlanOptions, cost) -> CollapsePlan:
@@ -156,11 +150,16 @@ def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanO
         sp.est_error = measured.site_errors.get(i, 0.0) if sp.changes else 0.0
         sp.error_source = ("calib: site not reached" if not cal.inputs[i] else "calib: fitted, in sequence")
     plan.measured_error = measured.model_error
-    plan.calib_rows = cal.rows
+    return _calibrated_notes(plan, cal.rows, "with every linearised joint replaced by its least-squares fit (sites "
+                             "fitted in forward order, as collapse_ will)")
+
+
+def _calibrated_notes(plan: CollapsePlan, rows: int, how: str) -> CollapsePlan:
+    """Record the calibration size and say, first in the notes, what the errors mean."""
+    plan.calib_rows = rows
     plan.notes[:0] = [
-        f"est. error: ||delta|| / ||y|| at each site's output on {cal.rows} calibration rows, with every linearised "
-        "joint replaced by its least-squares fit (sites fitted in forward order, as collapse_ will)",
-        f"measured model-output error ||dy|| / ||y|| with the planned sites replaced together: "
+        f"est. error: ||delta|| / ||y|| at each site's output on {rows} calibration rows, {how}",
+        f"measured model-output error ||dy|| / ||y|| with the planned sites collapsed together: "
         f"{plan.measured_error:.3e}",
     ]
     return plan

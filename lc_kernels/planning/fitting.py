@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..algebra import (
-    FIT_RIDGE, Act, Affine, Block, LinearBlock, PartialBlock, affine_matrix, apply_act, canonical_affines,
+    FIT_RIDGE, Act, Affine, Block, LinearBlock, NormalEquations, PartialBlock, apply_act, canonical_affines,
     collapsed_modules, exact_blocks, original_values, replacement, ridge_fit, run_blocks, site_acts, with_ones,
 )
 from .calibration import Chosen
@@ -342,8 +342,11 @@ class _BlockEquations:
 
     def __init__(self, b: Block, k: int, blocks: list[Block], sm: SiteModel):
         self.b, self.k, self.blocks, self.sm = b, k, blocks, sm
-        self.ata = self.aty = None
-        self.rows = 0
+        self.neq: NormalEquations | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.neq is None else self.neq.rows
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> None:
         rows = batch.rows(x.detach()).to(torch.float64)
@@ -352,20 +355,18 @@ class _BlockEquations:
         if isinstance(self.b, PartialBlock):
             h = apply_act(torch.nn.functional.linear(a_in, self.b.fc1.weight, self.b.fc1.bias), self.b.act)
             a_in = torch.cat([h, a_in], dim=1)
-        a = with_ones(a_in)
-        ata, aty = a.T @ a, a.T @ target
-        self.ata = ata if self.ata is None else self.ata + ata
-        self.aty = aty if self.aty is None else self.aty + aty
-        self.rows += rows.shape[0]
+        if self.neq is None:
+            self.neq = NormalEquations(a_in.shape[1], target.shape[1], a_in.device)
+        self.neq.add(a_in, target)
 
     def solve(self, ridge: float) -> None:
-        b = self.b
+        b, neq = self.b, self.neq
         if isinstance(b, LinearBlock):
-            b.map = ridge_fit(self.ata, self.aty, b.map, ridge)
+            b.map = ridge_fit(neq.ata, neq.aty, b.map, ridge)
             return
         kept = b.fc2.weight.shape[1]
         prior = Affine(torch.cat([b.fc2.weight, b.skip.weight], dim=1), b.skip.bias)
-        fit = ridge_fit(self.ata, self.aty, prior, ridge)
+        fit = ridge_fit(neq.ata, neq.aty, prior, ridge)
         b.fc2 = Affine(fit.weight[:, :kept].contiguous(), torch.zeros_like(fit.bias))
         b.skip = Affine(fit.weight[:, kept:].contiguous(), fit.bias)
 
@@ -406,4 +407,5 @@ def measure_fitted(model: nn.Module, sites: list[Site], blocks: dict[int, list[B
     return Measured(err, {i: math.sqrt(d2[i] / y2[i]) if y2[i] > 0 else 0.0 for i in blocks})
 
 
-__all__ = ["Passes", "SiteStats", "SiteModel", "FittedCalibration", "fit_sequential", "affine_matrix", "Affine"]
+__all__ = ["Passes", "SiteStats", "SiteModel", "FittedCalibration", "fit_sequential", "measure_fitted",
+           "site_decisions"]
