@@ -6,8 +6,8 @@ State dict keys
 ``fc2.bias`` and, when a BatchNorm1d sat between the layers, ``norm.*`` — the original
 Linear modules are reused, so their values (and parameter identity) are unchanged.
 After ``collapse_``: MERGE holds ``fc.weight``/``fc.bias``; FACTOR holds ``fc1.*``/``fc2.*``
-with no activation; PARTIAL holds a narrower ``fc1``/``act``/``fc2`` plus ``skip.*`` (one Linear,
-or ``skip.0``/``skip.1`` when factored).
+with no activation; PARTIAL holds a narrower ``fc1``/``act``/``fc2`` plus ``skip.weight`` (a
+Linear without bias: ``fc2.bias`` is the block's bias).
 
 ``LCChain`` (three or more Linears): ``linears.{i}.*``, ``acts.{i}.alpha``, ``norms.{i}.*``; after a
 PARTIAL joint ``i`` collapses, Linears ``i`` and ``i + 1`` are the narrow MLP of a partial block and
@@ -55,17 +55,31 @@ def joint_forward(
     return z
 
 
-def _pair(x: torch.Tensor, fc1: nn.Linear, alpha: torch.Tensor | None, act: str, fc2: nn.Linear) -> torch.Tensor:
-    """``fc2(sigma_alpha(fc1(x)))`` through the registered ops.
+def _pair(x: torch.Tensor, fc1: nn.Linear, alpha: torch.Tensor | None, act: str, fc2: nn.Linear,
+          skip: nn.Linear | None = None) -> torch.Tensor:
+    """``fc2(sigma_alpha(fc1(x)))`` (``+ skip(x)`` for PARTIAL) through the registered ops.
 
     ``prefer_fused_mlp`` holds the cost rule: on CUDA the fused kernel keeps the hidden tile on
     chip only where that beats two GEMMs; elsewhere both plans are the same aten work.
     """
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if ops.prefer_fused_mlp(m, fc1.in_features, fc1.out_features, fc2.out_features, x.device):
-        return ops.fused_mlp(x, fc1.weight, fc1.bias, alpha, act, fc2.weight, fc2.bias)
+        y = ops.fused_mlp(x, fc1.weight, fc1.bias, alpha, act, fc2.weight, fc2.bias)
+        return y if skip is None else y + ops.fused_linear(x, skip.weight)
     h = ops.fused_linear(x, fc1.weight, fc1.bias, alpha, act)
-    return ops.fused_linear(h, fc2.weight, fc2.bias)
+    return ops.fused_linear(h, fc2.weight, fc2.bias) if skip is None else _skip_plus(x, skip, h, fc2)
+
+
+def _skip_plus(x: torch.Tensor, skip: nn.Linear, h: torch.Tensor, fc2: nn.Linear) -> torch.Tensor:
+    """``skip(x) + fc2(h)`` of a PARTIAL block, ``fc2`` accumulated onto the skip's output.
+
+    The skip GEMM writes the output (with ``fc2``'s bias), then ``fc2``'s GEMM adds into it in
+    place (BLAS ``beta = 1``): no third (M, N) buffer and no separate pass to add the two, which
+    is what kept PARTIAL under its FLOP ratio at narrow widths (benchmarks/results/notes.md).
+    """
+    y = ops.fused_linear(x, skip.weight, fc2.bias).contiguous()
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), fc2.weight.t())
+    return y
 
 
 def _check_linear(m: object, what: str) -> nn.Linear:
@@ -184,14 +198,12 @@ class LCFusedMLP(nn.Module):
             return ops.fused_linear(x, self.fc.weight, self.fc.bias)
         if self.form == "factored":
             return _pair(x, self.fc1, None, "identity", self.fc2)
+        skip = self.skip if self.form == "partial" else None
         if self.norm is not None or (self.drop is not None and self.drop.training and self.drop.p > 0):
             # BatchNorm / live dropout sit between the GEMMs: no fused form, run the modules.
-            y = self.fc2(joint_forward(self.fc1(x), self.act, self.norm, self.norm_pre, self.drop))
-        else:
-            y = _pair(x, self.fc1, self.act.alpha, self.act.base, self.fc2)
-        if self.form == "partial":
-            y = y + ops.fused_linear(x, self.skip.weight)
-        return y
+            h = joint_forward(self.fc1(x), self.act, self.norm, self.norm_pre, self.drop)
+            return self.fc2(h) if skip is None else _skip_plus(x, skip, h, self.fc2)
+        return _pair(x, self.fc1, self.act.alpha, self.act.base, self.fc2, skip)
 
     def extra_repr(self) -> str:
         s = f"in={self.in_features}, hidden={self.hidden_features}, out={self.out_features}, form={self.form!r}"
@@ -273,9 +285,10 @@ class LCChain(nn.Module):
                 alpha, base = (act.alpha, act.base) if isinstance(act, CollapsibleActivation) else (None, "identity")
                 x = ops.fused_linear(x, lin.weight, lin.bias, alpha, base)
             else:
-                x = ops.fused_linear(x, lin.weight, lin.bias)
                 if closes_block:  # the skip joins before the next joint's activation
-                    x = x + ops.fused_linear(block_in, skips[str(i - 1)].weight)
+                    x = _skip_plus(block_in, skips[str(i - 1)], x, lin)
+                else:
+                    x = ops.fused_linear(x, lin.weight, lin.bias)
                 if i < last:
                     x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
         return x
