@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
@@ -42,7 +42,8 @@ from lc_kernels.ops import reference
 from lc_kernels.planning import DECISIONS, KEEP, CollapsePlan, plan_collapse
 from lc_kernels.planning.cost import decisions_cost
 from lc_kernels.testing import rel_err
-from lc_kernels.timing import Timing, calls_for, rotating, synchronizer, time_interleaved
+from lc_kernels.planning.latency import LatencyTable
+from lc_kernels.timing import Ratio, Timing, rotating, time_interleaved
 from lc_kernels.transforms import collapse_, prepare_
 
 BASELINE = "nn.Sequential"
@@ -147,6 +148,9 @@ class Row:
     status: str  # "ok", or why it was not timed
     timing: Timing | None = None
     speedup: float | None = None  # baseline median / this median, same run
+    speedup_low: float | None = None  # q1(baseline) / q3(this): the spread of the ratio
+    speedup_high: float | None = None  # q3(baseline) / q1(this)
+    latency_ratio: float | None = None  # the speedup the latency table predicts (latency-planned rows)
     tflops: float | None = None
     pct_peak: float | None = None  # of the best large-matmul peak measured in the same run
     load_avg: float | None = None  # 1-minute load average when the case finished: other processes' share
@@ -155,6 +159,20 @@ class Row:
     def efficiency(self) -> float | None:
         """Measured speedup over the speedup the FLOP ratio predicts."""
         return None if self.speedup is None else self.speedup / self.flop_ratio
+
+    @property
+    def ratio(self) -> Ratio | None:
+        if self.speedup is None or self.speedup_low is None or self.speedup_high is None:
+            return None
+        return Ratio(self.speedup, self.speedup_low, self.speedup_high)
+
+    def speedup_text(self) -> str:
+        """``1.52× (1.49–1.55)``, or "no measurable change" when the spread covers 1.0×."""
+        r = self.ratio
+        if r is None or self.provider == BASELINE:
+            return _f(self.speedup, ".2f", "×")
+        spread = f"{r.low:.2f}–{r.high:.2f}"
+        return f"{r.value:.2f}× ({spread})" if r.measurable else f"no measurable change ({r.value:.2f}×, {spread})"
 
 
 @dataclass
@@ -173,14 +191,15 @@ class Report:
 
     def table(self) -> str:
         """All rows as one markdown table."""
-        head = ["case", "shape", "tokens", "dtype", "provider", "form", "median ms", "IQR %", "speedup",
-                "FLOP ratio", "speedup / FLOP ratio", "TFLOP/s", "% peak", "load"]
+        head = ["case", "shape", "tokens", "dtype", "provider", "form", "median ms", "IQR %", "speedup (spread)",
+                "FLOP ratio", "speedup / FLOP ratio", "latency-table prediction", "TFLOP/s", "% peak", "load"]
         body = []
         for r in self.rows:
             t = r.timing
             body.append([r.case, r.shape, str(r.tokens), r.dtype, r.provider, r.form,
-                         _f(t and t.median * 1e3, ".3g"), _f(t and t.iqr_pct, ".1f"), _f(r.speedup, ".2f", "×"),
-                         _f(r.flop_ratio, ".2f", "×"), _f(r.efficiency, ".2f"), _f(r.tflops, ".3g"),
+                         _f(t and t.median * 1e3, ".3g"), _f(t and t.iqr_pct, ".1f"), r.speedup_text(),
+                         _f(r.flop_ratio, ".2f", "×"), _f(r.efficiency, ".2f"), _f(r.latency_ratio, ".2f", "×"),
+                         _f(r.tflops, ".3g"),
                          _f(r.pct_peak, ".0f") if r.status == "ok" else r.status, _f(r.load_avg, ".1f")])
         return markdown_table(head, body)
 
@@ -201,10 +220,16 @@ class Report:
             f"Date {e.date} · torch {e.torch} · triton {e.triton} · lc_kernels {e.lc_kernels} · "
             f"Python {e.python} · {e.threads} threads of {e.cpu_count} CPUs · load average (1/5/15 min) {load}", "",
             f"Matmul peak measured in this run: {peaks}.", "",
-            "Speedups are medians over interleaved rounds relative to `nn.Sequential` eager in the same run; "
-            "the FLOP ratio is the planner's cost model (matmul FLOPs only); IQR % is the interquartile "
-            "range over the median; load is the 1-minute load average when the case finished "
-            "(above the thread count, other processes were competing for the cores).", "",
+            "Speedups are medians over interleaved rounds relative to `nn.Sequential` eager in the same run, "
+            "with their spread (q1 of the baseline over q3 of the provider, to q3 over q1); a spread that "
+            "covers 1.0× reads \"no measurable change\". The FLOP ratio is the planner's cost model (matmul "
+            "FLOPs only); IQR % is the interquartile range over the median; load is the 1-minute load "
+            "average when the case finished (above the thread count, other processes were competing for "
+            "the cores).", "",
+            "Each collapsed variant is planned twice: by FLOPs (the default, rows without a suffix) and by "
+            "`objective=\"latency\"` on this device at the case's token count (`… (latency plan)` rows, "
+            "with the speedup the latency table predicts for the MLPs it plans). Where both objectives "
+            "choose the same plan, the latency row says so and is not timed twice.", "",
             self.table(), "", "## Targets", "", self.summary(), "",
         ])
 
@@ -332,6 +357,7 @@ class Provider:
     expected: torch.Tensor
     status: str = "ok"
     rel_err: float | None = None
+    latency_ratio: float | None = None  # what the latency table predicts against the dense MLPs
 
 
 @dataclass
@@ -461,20 +487,63 @@ def build_mlp_case(shape: MLPShape, dtype: torch.dtype, s: Settings) -> Case:
 
     variants = [("collapsed", [torch.ones(1)] * n_joints)]
     if n_joints == 1:
-        k = round(s.partial_fraction * hidden)
-        variants.append(("partial", [torch.cat([torch.ones(k), torch.zeros(hidden - k)])]))
+        for name, frac in (("partial", s.partial_fraction), ("partial-quarter", s.partial_fraction / 2)):
+            k = round(frac * hidden)
+            variants.append((name, [torch.cat([torch.ones(k), torch.zeros(hidden - k)])]))
     else:
         variants.append(("collapsed-half", [torch.ones(1) if i % 2 == 0 else torch.zeros(1) for i in range(n_joints)]))
+    table = LatencyTable(s.device, dtype, tokens)
     for name, alphas in variants:
-        m = chain_of(seq, alphas)
-        plan = collapse_(m)
-        form = form_of(plan)
-        if name == "partial" and form != "PARTIAL":
-            continue
         with torch.inference_mode():
             expect = reference_chain(inputs[0], seq, alphas)
-        providers.append(Provider(name, m, form, plan.flops_after * tokens, expect))
+        by_flops = plan_collapse(chain_of(seq, alphas))
+        if name.startswith("partial") and form_of(by_flops) != "PARTIAL":
+            continue
+        plans, same = planned_both_ways(name, chain_of(seq, alphas), by_flops, inputs[0])
+        for label, plan in plans:
+            m = chain_of(seq, alphas)
+            collapse_(m, plan)
+            providers.append(Provider(label, m, form_of(plan), plan.flops_after * tokens, expect,
+                                      latency_ratio=predicted_ratio(plan, table)))
+        if same:
+            providers.append(same_as(providers[-1], same))
     return Case(shape.name, shape.label, tokens, dtype, s.device, inputs, providers)
+
+
+def same_plan(a: CollapsePlan, b: CollapsePlan) -> bool:
+    """Both plans make the same decision, with the same linear channels, at every joint."""
+    def key(p: CollapsePlan) -> list:
+        return [(sp.path, j.decision, None if j.linear_channels is None else list(j.linear_channels))
+                for sp in p.sites for j in sp.joints]
+    return key(a) == key(b)
+
+
+def planned_both_ways(name: str, model: nn.Module, by_flops: CollapsePlan, example: torch.Tensor,
+                      ) -> tuple[list[tuple[str, CollapsePlan]], str | None]:
+    """``[(name, FLOP plan), (name + " (latency plan)", latency plan)]`` for ``model``.
+
+    ``objective="latency"`` times each candidate block on the case's device, dtype and token
+    count. Where it agrees with the FLOP plan, only the FLOP plan is returned, with the name of
+    the latency row that records the agreement.
+    """
+    by_latency = plan_collapse(model, objective="latency", example=example)
+    label = f"{name} (latency plan)"
+    if same_plan(by_flops, by_latency):
+        return [(name, by_flops)], label
+    return [(name, by_flops), (label, by_latency)], None
+
+
+def same_as(p: Provider, label: str) -> Provider:
+    """An untimed row saying that the latency plan is ``p``'s FLOP plan."""
+    return replace(p, name=label, status="same plan as FLOPs")
+
+
+def predicted_ratio(plan: CollapsePlan, table: LatencyTable) -> float:
+    """The speedup of ``plan``'s sites over their dense form that the measured latency table predicts."""
+    before = sum(decisions_cost(sp.widths, [KEEP] * len(sp.joints), None, table) for sp in plan.sites)
+    after = sum(decisions_cost(sp.widths, [j.decision for j in sp.joints], [j.linear_channels for j in sp.joints],
+                               table) for sp in plan.sites)
+    return before / after
 
 
 class Block(nn.Module):
@@ -529,29 +598,36 @@ def build_encoder_case(shape: EncoderShape, dtype: torch.dtype, s: Settings) -> 
     inputs = _make_inputs((batch, shape.seq, shape.dim), s, dtype)
     other = encoder_other_flops(shape) * tokens
 
-    def variant(collapsed_blocks: range) -> tuple[nn.Module, CollapsePlan, torch.Tensor]:
+    def variant(collapsed_blocks: range) -> tuple[nn.Module, torch.Tensor]:
+        """The prepared encoder with these blocks' slopes at 1, and its float64 output."""
         m = copy.deepcopy(model)
         sites = prepare_(m)
         for i in collapsed_blocks:
             m.get_submodule(sites[i]).act.alpha.data.fill_(1.0)
         with torch.inference_mode():
             expect = copy.deepcopy(m).double()(inputs[0].double())
-        plan = collapse_(m) if len(collapsed_blocks) else plan_collapse(m)
-        return m.eval(), plan, expect
+        return m.eval(), expect
 
-    lc, plan0, expect0 = variant(range(0))
-    keep_flops = other + plan0.flops_before * tokens
+    lc, expect0 = variant(range(0))
+    keep_flops = other + plan_collapse(lc).flops_before * tokens
     providers = [Provider(BASELINE, model, "MLP", keep_flops, expect0),
                  Provider("LCFusedMLP", lc, "MLP", keep_flops, expect0)]
     if s.compile:
         providers.insert(1, Provider(BASELINE + "+compile", _compiled(model, s), "MLP", keep_flops, expect0))
         providers.append(Provider("LCFusedMLP+compile", _compiled(lc, s), "MLP", keep_flops, expect0))
     for name, blocks in (("collapsed-half", range(shape.depth // 2, shape.depth)), ("collapsed", range(shape.depth))):
-        m, plan, expect = variant(blocks)
-        flops = other + plan.flops_after * tokens
-        providers.append(Provider(name, m, form_of(plan), flops, expect))
+        prepared, expect = variant(blocks)
+        plans, same = planned_both_ways(name, prepared, plan_collapse(prepared), inputs[0])
+        for label, plan in plans:
+            m = copy.deepcopy(prepared)
+            collapse_(m, plan)
+            flops = other + plan.flops_after * tokens
+            providers.append(Provider(label, m.eval(), form_of(plan), flops, expect))
+        if same:
+            providers.append(same_as(providers[-1], same))
         if s.compile and name == "collapsed":
-            providers.append(Provider(name + "+compile", _compiled(m, s), form_of(plan), flops, expect))
+            p = next(p for p in providers if p.name == name)
+            providers.append(Provider(name + "+compile", _compiled(p.fn, s), p.form, p.flops, expect))
     return Case(shape.name, shape.label, tokens, dtype, s.device, inputs, providers)
 
 
@@ -572,6 +648,8 @@ def build_case(name: str, dtype: torch.dtype, s: Settings) -> Case:
     tol = TOLERANCE[dtype]
     with torch.inference_mode():
         for p in case.providers:
+            if p.status != "ok":
+                continue
             try:
                 out = p.fn(case.inputs[0])
             except Exception as e:  # noqa: BLE001 - a failed compile refuses one provider, not the run
@@ -600,7 +678,9 @@ def measure_case(case: Case, s: Settings) -> list[Row]:
             case=case.name, shape=case.label, tokens=case.tokens, dtype=dtype_name(case.dtype),
             provider=p.name, form=p.form, flops=p.flops, flop_ratio=base.flops / p.flops, rel_err=p.rel_err,
             status=p.status, timing=t, speedup=None if t is None or base_t is None else base_t.median / t.median,
-            tflops=tflops, load_avg=load[0] if load else None,
+            speedup_low=None if t is None or base_t is None else base_t.q1 / t.q3,
+            speedup_high=None if t is None or base_t is None else base_t.q3 / t.q1,
+            latency_ratio=p.latency_ratio, tflops=tflops, load_avg=load[0] if load else None,
         ))
     return rows
 

@@ -149,7 +149,7 @@ def test_chain_runs_through_the_ops_with_unchanged_outputs_and_gradients(monkeyp
     g = torch.randn(7, 4, dtype=torch.float64)
     y = seq(x)
     (gx,) = torch.autograd.grad(y, x, g)
-    assert len(calls) == 3
+    assert len(calls) == 2  # both joints; the last Linear has nothing to fuse and runs F.linear
     x2 = x.detach().clone().requires_grad_(True)
     y2 = ref(x2)
     (gx2,) = torch.autograd.grad(y2, x2, g)
