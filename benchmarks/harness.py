@@ -43,6 +43,7 @@ from lc_kernels.planning import DECISIONS, KEEP, CollapsePlan, plan_collapse
 from lc_kernels.planning.cost import decisions_cost
 from lc_kernels.testing import rel_err
 from lc_kernels.planning.latency import LatencyTable
+from lc_kernels.speedup import plan_seconds
 from lc_kernels.timing import Ratio, Timing, rotating, time_interleaved
 from lc_kernels.transforms import collapse_, prepare_
 
@@ -502,9 +503,10 @@ def build_mlp_case(shape: MLPShape, dtype: torch.dtype, s: Settings) -> Case:
         plans, same = planned_both_ways(name, chain_of(seq, alphas), by_flops, inputs[0])
         for label, plan in plans:
             m = chain_of(seq, alphas)
+            predicted = predicted_ratio(m, plan, table)
             collapse_(m, plan)
             providers.append(Provider(label, m, form_of(plan), plan.flops_after * tokens, expect,
-                                      latency_ratio=predicted_ratio(plan, table)))
+                                      latency_ratio=predicted))
         if same:
             providers.append(same_as(providers[-1], same))
     return Case(shape.name, shape.label, tokens, dtype, s.device, inputs, providers)
@@ -538,11 +540,9 @@ def same_as(p: Provider, label: str) -> Provider:
     return replace(p, name=label, status="same plan as FLOPs")
 
 
-def predicted_ratio(plan: CollapsePlan, table: LatencyTable) -> float:
+def predicted_ratio(model: nn.Module, plan: CollapsePlan, table: LatencyTable) -> float:
     """The speedup of ``plan``'s sites over their dense form that the measured latency table predicts."""
-    before = sum(decisions_cost(sp.widths, [KEEP] * len(sp.joints), None, table) for sp in plan.sites)
-    after = sum(decisions_cost(sp.widths, [j.decision for j in sp.joints], [j.linear_channels for j in sp.joints],
-                               table) for sp in plan.sites)
+    before, after = plan_seconds(model, plan, table)
     return before / after
 
 

@@ -1,7 +1,9 @@
 """``speedup``: the end-to-end speedup a plan predicts beside the one measured, on this device.
 
-Predicted: the model's measured time minus what the plan saves at its sites, each site's forms
-timed by the latency table the planner uses (:mod:`~lc_kernels.planning.latency`). Measured: the
+Predicted: Amdahl's law on the model's measured time. The planned sites take the share of it
+that the latency table the planner uses (:mod:`~lc_kernels.planning.latency`) gives them (at
+most all of it: blocks timed alone can add up to more than the model takes), and run faster by
+the table's ratio of their dense to their planned forms. Measured: the
 model and a collapsed copy timed in interleaved rounds at ``example``. Both carry their spread; a
 measured ratio whose spread covers 1.0x is reported as "no measurable change".
 """
@@ -13,11 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .planning import CollapsePlan
+from .planning import KEEP, CollapsePlan
 from .planning.cost import decisions_cost
 from .planning.inputs import calib_batches, run_model
 from .planning.latency import LatencyTable
 from .planning.options import tokens_of
+from .planning.sites import find_sites
 from .timing import Ratio, Timing, time_interleaved
 from .transforms import collapse_
 
@@ -43,6 +46,22 @@ class SpeedupReport:
         ])
 
 
+def plan_seconds(model: nn.Module, plan: CollapsePlan, table: LatencyTable) -> tuple[float, float]:
+    """Seconds of ``plan``'s sites on ``model`` in ``table``: dense, and in their planned forms."""
+    sites = {s.path: s for s in find_sites(model)}
+    missing = [sp.path for sp in plan.sites if sp.path not in sites]
+    if missing:
+        raise ValueError(f"the plan's sites {missing} are not uncollapsed sites of this model; "
+                         "pass the model the plan was made for, before collapse_")
+    before = after = 0.0
+    for sp in plan.sites:
+        cost = table.for_site(sites[sp.path])
+        before += decisions_cost(sp.widths, [KEEP] * len(sp.joints), None, cost)
+        after += decisions_cost(sp.widths, [j.decision for j in sp.joints], [j.linear_channels for j in sp.joints],
+                                cost)
+    return before, after
+
+
 def speedup(model: nn.Module, plan: CollapsePlan, example: object, *, calib: object = None,
             forward_fn=None, rounds: int = 15, min_time: float = 0.05) -> SpeedupReport:
     """Predicted and measured end-to-end speedup of ``plan`` on ``model`` at ``example``.
@@ -53,10 +72,7 @@ def speedup(model: nn.Module, plan: CollapsePlan, example: object, *, calib: obj
         raise TypeError(f"plan must be a CollapsePlan, got {type(plan).__name__}")
     p = next(t for t in model.parameters() if t.is_floating_point())
     tokens = tokens_of(example)
-    table = LatencyTable(p.device, p.dtype, tokens)
-    before = sum(decisions_cost(sp.widths, ["KEEP"] * len(sp.joints), None, table) for sp in plan.sites)
-    after = sum(decisions_cost(sp.widths, [j.decision for j in sp.joints], [j.linear_channels for j in sp.joints],
-                               table) for sp in plan.sites)
+    before, after = plan_seconds(model, plan, LatencyTable(p.device, p.dtype, tokens))
     collapsed = copy.deepcopy(model)
     collapse_(collapsed, plan, calib=calib, forward_fn=forward_fn, force=True)
     (batch,) = calib_batches(model, [example], forward_fn=forward_fn)
@@ -71,5 +87,6 @@ def speedup(model: nn.Module, plan: CollapsePlan, example: object, *, calib: obj
         for m, training in modes:
             m.training = training
     tb, ta = t["before"], t["after"]
-    predicted = tb.median / max(tb.median - (before - after), 1e-12)
+    share = min(1.0, before / tb.median)
+    predicted = 1.0 / ((1.0 - share) + share * after / before)
     return SpeedupReport(tokens, tb, ta, before, after, Ratio.of(tb, ta), predicted)

@@ -21,6 +21,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Latency tables measured by tests go to a temporary directory, never the user's cache."""
+    old = os.environ.get("LC_KERNELS_CACHE")
+    os.environ["LC_KERNELS_CACHE"] = str(tmp_path_factory.mktemp("lc_kernels_cache"))
+    yield
+    if old is None:
+        os.environ.pop("LC_KERNELS_CACHE", None)
+    else:
+        os.environ["LC_KERNELS_CACHE"] = old
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices gain nothing from intra-op threads, and on a loaded machine OpenMP

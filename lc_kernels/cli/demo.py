@@ -19,7 +19,6 @@ import lc_kernels as lc
 from lc_kernels.cli._args import nonneg_float, nonneg_int, positive_int, usage_error
 from lc_kernels.planning.cost import linear_flops
 from lc_kernels.testing import rel_err
-from lc_kernels.timing import Ratio, Timing, time_interleaved
 
 
 @dataclass
@@ -34,6 +33,7 @@ class RunResult:
     ms_before: float
     ms_after: float
     speedup: str = ""  # median ratio with its spread, or "no measurable change"
+    predicted: float = 1.0  # what the latency table predicts for the plan (lc.speedup)
     alphas: dict[str, float] = field(default_factory=dict)
     linear_joints: int = 0
     joints: int = 0
@@ -109,19 +109,6 @@ def _alpha_str(model: nn.Module) -> str:
     return " ".join(f"{a:.2f}" for a in site_alphas(model).values())
 
 
-def paired_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 21) -> tuple[Timing, Timing]:
-    """Forward time of ``a`` and ``b`` in interleaved rounds (the benchmarks' timer).
-
-    Interleaving matters on a shared machine: timing one model after the other lets background
-    load land on one of them and shows a "speedup" of a model against its own copy.
-    """
-    a.eval(), b.eval()
-    with torch.inference_mode():
-        t = time_interleaved({"a": lambda: a(x), "b": lambda: b(x)}, torch.device("cpu"), rounds=rounds, warmup=3,
-                             min_time=0.02)
-    return t["a"], t["b"]
-
-
 def linear_baseline(xtr, ytr, xte, yte, *, epochs: int, seed: int) -> float:
     """A single Linear layer trained directly: the accuracy any collapse can fall back to."""
     torch.manual_seed(seed)
@@ -158,12 +145,15 @@ def run_one(name: str, data, args, *, strength: float, regularize: str) -> tuple
     lc.collapse_(collapsed, plan, calib=xcal)
     bench_x = xte.repeat((args.latency_batch + len(xte) - 1) // len(xte), 1)[: args.latency_batch]
     lin, total = plan.joint_counts()
-    ta, tb = paired_latency(model, collapsed, bench_x)
+    # Interleaved rounds (the benchmarks' timer): timing one model after the other lets
+    # background load land on one of them and shows a "speedup" of a model against its copy.
+    sp = lc.speedup(model, plan, bench_x, calib=xcal, rounds=21, min_time=0.02)
+    ta, tb = sp.model_before, sp.model_after
     res = RunResult(
         name=name, acc_before=accuracy(model, xte, yte), acc_after=accuracy(collapsed, xte, yte),
         params_before=_params(model), params_after=_params(collapsed),
         flops_before=linear_flops(model), flops_after=linear_flops(collapsed),
-        ms_before=1e3 * ta.median, ms_after=1e3 * tb.median, speedup=str(Ratio.of(ta, tb)),
+        ms_before=1e3 * ta.median, ms_after=1e3 * tb.median, speedup=str(sp.measured), predicted=sp.predicted,
         alphas=site_alphas(model), linear_joints=lin, joints=total,
         est_error=plan.measured_error, measured_error=output_error(model, collapsed, xcal),
     )
@@ -197,14 +187,14 @@ def _e(v: float | None) -> str:
 
 def format_table(results: list[RunResult], baseline: float) -> str:
     head = ("model", "test acc", "after collapse", "linear joints", "params", "FLOPs/sample",
-            "latency ms", "speedup", "out err: planned / after collapse")
-    rows = [("linear model (trivial baseline)", f"{baseline:.2%}", "-", "-", "-", "-", "-", "-", "-")]
+            "latency ms", "speedup: measured", "predicted", "out err: planned / after collapse")
+    rows = [("linear model (trivial baseline)", f"{baseline:.2%}", "-", "-", "-", "-", "-", "-", "-", "-")]
     for r in results:
         rows.append((
             r.name, f"{r.acc_before:.2%}", f"{r.acc_after:.2%} ({100 * (r.acc_after - r.acc_before):+.2f} pp)",
             f"{r.linear_joints}/{r.joints}", f"{r.params_before:,} -> {r.params_after:,}",
             f"{r.flops_before:,} -> {r.flops_after:,} ({r.flops_before / r.flops_after:.1f}x)",
-            f"{r.ms_before:.3f} -> {r.ms_after:.3f}", r.speedup,
+            f"{r.ms_before:.3f} -> {r.ms_after:.3f}", r.speedup, f"{r.predicted:.2f}x",
             f"{_e(r.est_error)} / {_e(r.measured_error)}",
         ))
     w = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]

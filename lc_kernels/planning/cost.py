@@ -20,14 +20,14 @@ def linear_macs(d_in: int, d_out: int) -> int:
 
 def group_cost(widths: list[int], p: int, q: int, objective="flops") -> float:
     """Cost of the Linears p..q multiplied into one map: FLOPs/token, parameters, or — with a
-    :class:`~lc_kernels.planning.latency.LatencyTable` as ``objective`` — measured seconds (the
-    activation after it fused in, unless it is the site's last Linear)."""
+    site's :class:`~lc_kernels.planning.latency.SiteLatency` as ``objective`` — measured seconds
+    (joint ``q``'s activation fused in, unless it is the site's last Linear)."""
     d_in, d_out = widths[p], widths[q + 1]
     if objective == "flops":
         return 2 * linear_macs(d_in, d_out)
     if objective == "params":
         return d_in * d_out + d_out
-    return objective.linear(d_in, d_out, act=q < len(widths) - 2)
+    return objective.linear(d_in, d_out, q if q < len(widths) - 2 else None)
 
 
 def chain_groups(widths: list[int], linear_joint: list[bool], objective: str = "flops") -> list[tuple[int, int]]:
@@ -115,12 +115,18 @@ def decisions_cost(widths: list[int], decisions: list[str], linear_channels=None
             elif objective == "params":
                 cost += d_in * k + k + k * d_out + d_out + group_cost([d_in, d_out], 0, 0, objective)
             else:
-                cost += objective.partial(d_in, k, d_out)
+                cost += objective.partial(d_in, k, d_out, q)
             g += 2
             continue
         cost += group_cost(widths, p, q, objective)
         g += 1
     return cost
+
+
+def site_objective(objective, site: Site):
+    """``objective`` as seen for ``site``: a latency table becomes the site's view of it, which
+    times every joint with that joint's own activation."""
+    return objective.for_site(site) if hasattr(objective, "for_site") else objective
 
 
 def decisions_for(site: Site, chosen: list[list[int]], objective: str = "flops"
@@ -130,6 +136,7 @@ def decisions_for(site: Site, chosen: list[list[int]], objective: str = "flops"
     A joint with every channel chosen (or no activation left) is linear: the chain DP picks
     MERGE or FACTOR. A strict, non-empty subset is PARTIAL; empty is KEEP.
     """
+    objective = site_objective(objective, site)
     linear_joint, channels = [], []
     for i, (act, ch) in enumerate(zip(site.acts, chosen)):
         full = act is None or len(ch) == joint_width(site, i)
@@ -143,6 +150,7 @@ def decisions_for(site: Site, chosen: list[list[int]], objective: str = "flops"
 def site_cost(site: Site, chosen: list[list[int]], objective: str = "flops") -> float:
     """Cost (``objective``) of the site once the ``chosen`` channels are linear; inf when the
     choice cannot be built (adjacent PARTIAL joints)."""
+    objective = site_objective(objective, site)
     decisions, channels = decisions_for(site, chosen, objective)
     if partial_conflict(decisions) is not None:
         return math.inf

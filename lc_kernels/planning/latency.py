@@ -17,9 +17,11 @@ import platform
 import torch
 
 from .. import _config
+from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCFusedMLP
 from ..ops import fused_linear
 from ..timing import time_interleaved
+from .sites import Site
 
 CACHE_FILE = "latency.json"
 
@@ -34,9 +36,9 @@ class LatencyTable:
     """Seconds per call of candidate blocks at ``tokens`` rows, measured once and cached."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, tokens: int, *, rounds: int = 7,
-                 min_time: float = 0.01, act: str = "gelu"):
+                 min_time: float = 0.01):
         self.device, self.dtype, self.tokens = torch.device(device), dtype, int(tokens)
-        self.rounds, self.min_time, self.act = rounds, min_time, act
+        self.rounds, self.min_time = rounds, min_time
         self.prefix = f"{device_name(self.device)}|{str(dtype).removeprefix('torch.')}|{self.tokens}"
         self.path = os.path.join(_config.cache_dir(), CACHE_FILE)
         self.measured = 0
@@ -48,11 +50,17 @@ class LatencyTable:
 
     # what the cost model asks -------------------------------------------------------------------
 
-    def linear(self, d_in: int, d_out: int, act: bool) -> float:
-        return self._get(f"linear|{d_in}|{d_out}|{int(act)}", lambda: self._linear_call(d_in, d_out, act))
+    def for_site(self, site: Site) -> "SiteLatency":
+        """The cost model's view for one site: each joint timed with that joint's activation."""
+        return SiteLatency(self, [a.base if isinstance(a, CollapsibleActivation) else "identity" for a in site.acts])
 
-    def partial(self, d_in: int, kept: int, d_out: int) -> float:
-        return self._get(f"partial|{d_in}|{kept}|{d_out}", lambda: self._partial_call(d_in, kept, d_out))
+    def linear(self, d_in: int, d_out: int, act: str) -> float:
+        """A Linear with ``act`` (``"identity"``: none) fused after it, at a slope of 0.5."""
+        return self._get(f"linear|{d_in}|{d_out}|{act}", lambda: self._linear_call(d_in, d_out, act))
+
+    def partial(self, d_in: int, kept: int, d_out: int, act: str) -> float:
+        """A PARTIAL block: ``d_in -> kept -> d_out`` with ``act`` between, plus a ``d_in -> d_out`` skip."""
+        return self._get(f"partial|{d_in}|{kept}|{d_out}|{act}", lambda: self._partial_call(d_in, kept, d_out, act))
 
     # measurement -------------------------------------------------------------------------------
 
@@ -70,14 +78,13 @@ class LatencyTable:
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
 
-    def _linear_call(self, d_in: int, d_out: int, act: bool):
+    def _linear_call(self, d_in: int, d_out: int, act: str):
         x, w, b = self._rand(self.tokens, d_in), self._rand(d_out, d_in) * d_in ** -0.5, self._rand(d_out)
-        alpha = torch.full((1,), 0.5, device=self.device, dtype=self.dtype) if act else None
-        base = self.act if act else "identity"
-        return lambda: fused_linear(x, w, b, alpha, base)
+        alpha = None if act == "identity" else torch.full((1,), 0.5, device=self.device, dtype=self.dtype)
+        return lambda: fused_linear(x, w, b, alpha, act)
 
-    def _partial_call(self, d_in: int, kept: int, d_out: int):
-        m = LCFusedMLP(d_in, kept, d_out, act=self.act, alpha_init=0.5).to(self.device, self.dtype)
+    def _partial_call(self, d_in: int, kept: int, d_out: int, act: str):
+        m = LCFusedMLP(d_in, kept, d_out, act=act, alpha_init=0.5).to(self.device, self.dtype)
         m.skip = torch.nn.Linear(d_in, d_out, bias=False).to(self.device, self.dtype)
         m.form = "partial"
         x = self._rand(self.tokens, d_in)
@@ -92,3 +99,21 @@ class LatencyTable:
             os.replace(tmp, self.path)  # atomic: a concurrent planner never reads half a file
         except OSError:
             pass  # a read-only cache only costs re-measuring next time
+
+
+class SiteLatency:
+    """A :class:`LatencyTable` as one site's cost model: joint ``i`` is timed with its own activation.
+
+    ``group_cost`` and ``decisions_cost`` ask ``linear(d_in, d_out, joint)`` (the joint whose
+    activation fuses after the Linear, or None) and ``partial(d_in, kept, d_out, joint)``.
+    """
+
+    def __init__(self, table: LatencyTable, acts: list[str]):
+        self.table, self.acts = table, acts
+
+    def linear(self, d_in: int, d_out: int, joint: int | None) -> float:
+        return self.table.linear(d_in, d_out, "identity" if joint is None else self.acts[joint])
+
+    def partial(self, d_in: int, kept: int, d_out: int, joint: int) -> float:
+        return self.table.partial(d_in, kept, d_out, self.acts[joint])
+
