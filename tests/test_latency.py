@@ -78,6 +78,8 @@ def test_speedup_reports_predicted_beside_measured(monkeypatch):
     assert rep.measured.value > 0
     # Amdahl: never more than the sites' own ratio in the table, never below it when they are the model
     assert 1.0 <= rep.predicted <= rep.sites_before_s / rep.sites_after_s + 1e-9
+    assert 0.0 < rep.site_share <= 1.0  # the sites' share, timed in place by hooks (removed after)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in m.modules())
     text = str(rep)
     assert "predicted" in text and "measured" in text
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
