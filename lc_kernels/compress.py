@@ -185,6 +185,9 @@ def compress(
     heal_lr: float = 1e-4,
     forward_fn: ForwardFn | None = None,
     progress: bool = True,
+    objective: str = "flops",
+    example: object = None,
+    tokens: int | None = None,
 ) -> CompressReport:
     """Compress ``model`` in place: the one call for a pretrained model.
 
@@ -195,7 +198,10 @@ def compress(
     then. ``heal_steps > 0`` spreads that many self-distillation steps (teacher: the model's own
     outputs before compression; ``heal_data`` defaults to ``calib``; Adam at ``heal_lr``) over the
     steps, after each collapse. ``calib`` and ``heal_data`` take what ``plan_collapse`` takes;
-    ``forward_fn(model, batch)`` runs anything else. All or nothing: a failure restores the model.
+    ``forward_fn(model, batch)`` runs anything else. ``objective="latency"`` with ``example=`` (a
+    serving batch) or ``tokens=`` plans on times measured on this device instead of FLOPs; ``target``
+    is then a fraction of the sites' measured time (see :func:`plan_collapse`). All or nothing: a
+    failure restores the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -217,7 +223,8 @@ def compress(
         batches = calib_batches(model, calib, forward_fn=forward_fn)
         heal = batches if heal_data is None else calib_batches(model, heal_data, forward_fn=forward_fn)
         teacher = _Teacher(model, batches, heal if heal_steps else [], forward_fn)
-        plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn)
+        plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn,
+                             objective=objective, example=example, tokens=tokens)
         changing = sorted((sp for sp in plan.sites if sp.changes), key=lambda sp: (sp.est_error or 0.0))
         total_before = plan.flops_before
         removed, steps, curve = 0, [], [(0.0, 0.0)]

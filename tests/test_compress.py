@@ -41,6 +41,20 @@ def test_compress_an_mlp_from_scratch():
         assert word in text
 
 
+def test_compress_plans_on_measured_latency(monkeypatch):
+    from lc_kernels.planning.latency import LatencyTable
+    real = LatencyTable.__init__
+    monkeypatch.setattr(LatencyTable, "__init__", lambda self, *a, **k: real(self, *a, **{**k, "rounds": 2,
+                                                                                         "min_time": 0.0}))
+    model, x = chain_mlp(), torch.randn(300, 12)
+    original = copy.deepcopy(model)
+    report = lc.compress(model, x, target=0.5, objective="latency", example=x[:64], progress=False)
+    assert report.plan.objective == "latency"
+    assert any("latency: every candidate form timed at 64 tokens" in n for n in report.plan.notes)
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) == pytest.approx(report.final_error, rel=1e-5)
+
+
 def test_compress_a_bert_with_masked_dict_calibration(tmp_path):
     model = tiny_bert()
     original = copy.deepcopy(model)
@@ -98,6 +112,7 @@ def test_a_failing_compress_leaves_the_model_as_it_was(monkeypatch):
     (dict(target=0.5, heal_lr=0.0), ValueError, "heal_lr must be > 0"),
     (dict(target=0.5, heal_lr=float("nan")), ValueError, "heal_lr must be a finite number"),
     (dict(target=1.5), ValueError, r"target is the fraction"),
+    (dict(target=0.5, objective="latency"), ValueError, "pass example="),
 ])
 def test_bad_arguments(kwargs, exc, match):
     model = chain_mlp()
