@@ -42,15 +42,9 @@ def demo_mlp(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
     """The demo's regularized MLP, trained as ``lc-kernels demo`` trains it."""
     p = argparse.ArgumentParser()
     demo.add_arguments(p)
-    args = p.parse_args(["--no-progress"] + (["--epochs", "15"] if quick else []))
+    args = p.parse_args(["--no-progress", "--last-k", "2"] + (["--epochs", "15"] if quick else []))
     xtr, ytr, xte, _ = demo.load_data(args.seed)
-    model = demo.build_mlp(args.widths, args.seed)
-    lc.prepare_(model)
-    joints = [n for n, _ in lc.regularizer.collapsible_activations(model)]
-    chosen = set(joints[-2:])
-    with demo._threads(1):
-        demo.train(model, xtr, ytr, epochs=args.epochs, lr=args.lr, alpha_lr=args.alpha_lr, seed=args.seed,
-                   strength=args.strength, filter_fn=lambda m, n: n in chosen, desc="demo", progress=False)
+    model = demo.trained_mlp("demo", xtr, ytr, args, strength=args.strength, regularize="last_k")
     x = xte.repeat((4096 + len(xte) - 1) // len(xte), 1)[:4096]
     return model.eval(), x, xtr[:256], {"tol": args.tol}
 

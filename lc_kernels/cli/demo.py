@@ -131,8 +131,10 @@ def output_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return rel_err(b(x), a(x))
 
 
-def run_one(name: str, data, args, *, strength: float, regularize: str) -> tuple[RunResult, lc.CollapsePlan]:
-    xtr, ytr, xte, yte, xcal = data
+def trained_mlp(name: str, xtr: torch.Tensor, ytr: torch.Tensor, args, *, strength: float,
+                regularize: str) -> nn.Sequential:
+    """The demo's MLP, prepared and trained with the regularizer on the last ``args.last_k`` joints
+    (``regularize="last_k"``) or on all of them."""
     model = build_mlp(args.widths, args.seed)
     lc.prepare_(model)
     joints = [n for n, _ in lc.regularizer.collapsible_activations(model)]
@@ -140,6 +142,12 @@ def run_one(name: str, data, args, *, strength: float, regularize: str) -> tuple
     with _threads(1):  # tiny matmuls: OpenMP hand-offs between threads cost more than the maths
         train(model, xtr, ytr, epochs=args.epochs, lr=args.lr, alpha_lr=args.alpha_lr, seed=args.seed,
               strength=strength, filter_fn=lambda m, n: n in chosen, desc=name, progress=not args.no_progress)
+    return model
+
+
+def run_one(name: str, data, args, *, strength: float, regularize: str) -> tuple[RunResult, lc.CollapsePlan]:
+    xtr, ytr, xte, yte, xcal = data
+    model = trained_mlp(name, xtr, ytr, args, strength=strength, regularize=regularize)
     plan = _plan(model, xcal, args)
     collapsed = copy.deepcopy(model)
     lc.collapse_(collapsed, plan, calib=xcal)
