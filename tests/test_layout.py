@@ -27,7 +27,8 @@ RANKS = {
     "cli": 10,
 }
 # Imported inside a function on purpose: Triton is loaded only when a kernel first runs.
-LAZY_OK = {"lc_kernels.kernels", "lc_kernels.kernels.fused_linear", "lc_kernels.kernels.fused_mlp"}
+LAZY_OK = {"lc_kernels.kernels", "lc_kernels.kernels.fused_linear", "lc_kernels.kernels.fused_mlp",
+           "lc_kernels.kernels.fused_gated_linear"}
 
 
 def _module_name(path: Path) -> str:

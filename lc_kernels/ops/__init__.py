@@ -7,8 +7,9 @@ package registers the ops; it does not import Triton or Inductor.
 """
 from . import reference
 from .dispatch import prefer_fused_mlp, use_triton
+from .fused_gated_linear_op import fused_gated_linear, launch_fused_gated_linear
 from .fused_linear_op import fused_linear, launch_fused_linear
 from .fused_mlp_op import fused_mlp, launch_fused_mlp
 
 __all__ = ["fused_linear", "fused_mlp", "prefer_fused_mlp", "use_triton", "launch_fused_linear", "launch_fused_mlp",
-           "reference"]
+           "fused_gated_linear", "launch_fused_gated_linear", "reference"]

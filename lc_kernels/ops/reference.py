@@ -125,3 +125,21 @@ def fused_mlp(
 ) -> torch.Tensor:
     """``Y = sigma_alpha(X @ W1.T + b1) @ W2.T + b2``; ``W1: (H, K)``, ``W2: (N, H)``."""
     return F.linear(fused_linear(x, w1, b1, alpha, act), w2, b2)
+
+
+def fused_gated_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    act: str = "silu",
+    alpha: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Y = sigma_alpha(X @ W_g.T + b_g) * (X @ W_u.T + b_u)`` with ``w = cat([W_g, W_u])``.
+
+    ``X: (..., K)``, ``w: (2H, K)``, ``b: (2H,)`` (``cat([b_g, b_u])``) or ``None``; ``alpha``
+    ``None`` or 1 or H elements, on the gate half only. Returns ``(..., H)``.
+    """
+    h = w.shape[0] // 2
+    z = F.linear(x, w, b)
+    # Slices, not chunk(2): chunk returns a single piece when H = 0.
+    return collapsible_activation(z[..., :h], act, alpha) * z[..., h:]

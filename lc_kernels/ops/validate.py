@@ -100,3 +100,34 @@ def check_raw_input(op: str, x: torch.Tensor) -> None:
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``(M, K)``: a view whenever the leading dims allow, strides kept for the kernel."""
     return x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+
+
+def check_gated_operands(op: str, x: Any, w: Any, b: Any, act: Any, alpha: Any) -> None:
+    """Check the operands of a gated linear: ``w`` stacks ``[W_g; W_u]`` as ``(2H, K)``, ``b`` is
+    ``(2H,)`` or ``None``, ``alpha`` (gate half only) holds 1 or H elements.
+
+    Raises ``TypeError`` or ``ValueError`` saying what arrived, what was expected and what to do.
+    """
+    if not isinstance(act, str):
+        # The gated op takes (x, w, b, act, alpha), fused_linear (x, weight, bias, alpha, act):
+        # a tensor here is most likely alpha passed in act's place.
+        raise TypeError(
+            f"{op}: act must be a str, one of {reference.ACTIVATIONS}, got {type(act).__name__}; the "
+            f"argument order is (x, w, b, act, alpha): pass alpha by keyword (alpha=...)"
+        )
+    check_operands(op, x, [("w", w, "b", b)], None, act)
+    if w.shape[0] % 2:
+        raise ValueError(
+            f"{op}: w must stack the gate and up weights as cat([W_g, W_u]), an even number 2H of "
+            f"rows, got shape {tuple(w.shape)}; pass torch.cat([w_gate, w_up]) of two (H, K) weights"
+        )
+    if alpha is not None:
+        _check_operand(op, "alpha", alpha, x, 1)
+        if not alpha.is_floating_point():
+            raise TypeError(f"{op}: alpha must be floating point, got {alpha.dtype}")
+        hidden = w.shape[0] // 2
+        if alpha.numel() not in (1, hidden):
+            raise ValueError(
+                f"{op}: alpha must hold 1 (shared) or {hidden} (per gate channel, H = w.shape[0] // 2) "
+                f"elements, got shape {tuple(alpha.shape)}; pass alpha of shape (1,) or ({hidden},)"
+            )

@@ -1,0 +1,128 @@
+"""``Y = sigma_alpha(X @ W_g.T + b_g) * (X @ W_u.T + b_u)``: a gated FFN's first half in one kernel.
+
+``W = cat([W_g, W_u])`` is ``(2H, K)``. Each program owns one ``(BLOCK_M, BLOCK_N)`` tile of
+``Y`` (columns ``n`` of ``H``) and walks ``K`` once, multiplying each ``X`` tile into two fp32
+accumulators: the gate (rows ``n`` of ``W``) and the up projection (rows ``H + n``). Bias,
+activation (with alpha) and the product happen in the epilogue, so neither ``(M, H)`` half goes
+to memory and ``X`` is read once for both.
+
+Triton code and autotune configs only; shapes, strides and allocation live in
+``lc_kernels/ops/fused_gated_linear_op.py``.
+"""
+import triton
+import triton.language as tl
+
+from .fused_linear import MAX_SHARED_BYTES, collapsible_epilogue
+
+
+@triton.jit
+def fused_gated_linear_kernel(
+    x_ptr, w_ptr, b_ptr, alpha_ptr, y_ptr,
+    M, H, K, M_BUCKET,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_b, stride_alpha,
+    stride_ym, stride_yn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``Y``; ``M_BUCKET`` only keys the autotuner.
+
+    ``DOT_IN_FP32``: see ``fused_linear_kernel`` (interpreter bfloat16 workaround).
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    # Grouped order: GROUP_M row tiles walk the column tiles together and share both W panels
+    # through L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # int64 offsets: rows * stride overflow int32 past 2**31 elements (and H + n rows of W too).
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_u = offs_n + H
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < H
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wg_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    wu_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_u[None, :] * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        mask_k = offs_k < k_left
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            wg = wg.to(tl.float32)
+            wu = wu.to(tl.float32)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=INPUT_PRECISION)
+        acc_u = tl.dot(a, wu, acc_u, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + offs_u * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = collapsible_epilogue(acc_g, alpha_ptr, stride_alpha, offs_n, mask_n, ACT, HAS_ALPHA) * acc_u
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+        num_stages=stages, num_warps=warps,
+    )
+
+
+# fused_linear's tiles with the N side halved where it was widest: two (BLOCK_M, BLOCK_N) fp32
+# accumulators live in registers, and 2 x 128 x 128 over 8 warps (128 per thread) is already
+# as many as fused_linear's largest tile holds. Small-M tiles for decode-sized batches as there.
+CONFIGS = [
+    _config(128, 128, 32, 3, 8),
+    _config(128, 64, 64, 3, 8),
+    _config(64, 128, 32, 4, 4),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+    _config(64, 32, 32, 5, 2),
+    _config(32, 64, 32, 5, 2),
+    _config(16, 128, 64, 3, 4),
+    _config(16, 64, 64, 4, 4),
+]
+
+# The interpreter runs each program in numpy: one small tile, no tuning (see fused_linear).
+INTERPRETER_CONFIGS = [_config(16, 16, 16, 1, 1)]
+
+AUTOTUNE_KEY = ["H", "K", "M_BUCKET"]
+
+
+def shared_bytes(meta: dict, num_stages: int, elem_bytes: int) -> int:
+    """Pipeline buffers: ``num_stages`` tiles of x (BLOCK_M x BLOCK_K) and of both W halves
+    (2 x BLOCK_N x BLOCK_K); the limit is fused_linear's (sm_80's per-block maximum)."""
+    return num_stages * (meta["BLOCK_M"] + 2 * meta["BLOCK_N"]) * meta["BLOCK_K"] * elem_bytes
+
+
+def fits(meta: dict, num_stages: int, elem_bytes: int) -> bool:
+    return shared_bytes(meta, num_stages, elem_bytes) <= MAX_SHARED_BYTES
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs whose pipeline fits in shared memory for the input's element size."""
+    elem = named_args["x_ptr"].element_size()
+    kept = [c for c in configs if fits(c.kwargs, c.num_stages, elem)]
+    return kept or configs[-1:]
+
+
+PRUNE = {"early_config_prune": prune_configs}
