@@ -3,7 +3,7 @@ from ._version import __version__  # noqa: E402
 from .compress import CompressReport, compress  # noqa: E402
 from .finetune import FinetuneHistory, finetune  # noqa: E402
 from .integrations import register_handler  # noqa: E402
-from .nn import CollapsibleActivation, LCChain, LCFusedMLP  # noqa: E402
+from .nn import CollapsibleActivation, LCChain, LCFusedMLP, LCGatedMLP  # noqa: E402
 from .planning import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
 from .speedup import SpeedupReport, speedup  # noqa: E402
 from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
@@ -14,6 +14,7 @@ __all__ = [
     "CollapsibleActivation",
     "LCFusedMLP",
     "LCChain",
+    "LCGatedMLP",
     "prepare_",
     "register_handler",
     "collapse_loss",

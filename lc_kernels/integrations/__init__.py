@@ -12,8 +12,9 @@ from .registry import PrepareOptions, PreparedSites, handlers, join, register_ha
 from .sequential import sequential_handler
 from .timm import timm_mlp_handler
 from .transformers import bert_ffn_handler, gpt2_mlp_handler
+from .gated import gated_ffn_handler, unrecognised_ffns
 
-for _handler in (sequential_handler, timm_mlp_handler, bert_ffn_handler, gpt2_mlp_handler):
+for _handler in (sequential_handler, timm_mlp_handler, bert_ffn_handler, gpt2_mlp_handler, gated_ffn_handler):
     register_handler(_handler)
 
-__all__ = ["PrepareOptions", "PreparedSites", "handlers", "join", "register_handler"]
+__all__ = ["PrepareOptions", "PreparedSites", "handlers", "join", "register_handler", "unrecognised_ffns"]

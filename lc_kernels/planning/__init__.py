@@ -15,12 +15,14 @@ from .calibration import Calibration, chosen_of, eval_no_grad
 from .inputs import calib_batches
 from .latency import LatencyTable
 from .options import PlanOptions
-from .plan import DECISIONS, FACTOR, KEEP, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan, SitePlan
+from .plan import (DECISIONS, FACTOR, GATED_DECISIONS, KEEP, LINEAR, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan,
+                   SitePlan)
+from .gated import gated_sites, plan_gated
 from .sites import Site, collapsible_sites, find_sites
 from .threshold import build_site_plan, plan_site
 
 __all__ = ["plan_collapse", "CollapsePlan", "SitePlan", "JointPlan", "PlanOptions", "Site", "find_sites",
-           "DECISIONS", "MERGE", "FACTOR", "KEEP", "PARTIAL", "OBJECTIVES"]
+           "DECISIONS", "GATED_DECISIONS", "MERGE", "FACTOR", "KEEP", "PARTIAL", "LINEAR", "OBJECTIVES"]
 
 
 def plan_collapse(
@@ -81,6 +83,9 @@ def plan_collapse(
 
 def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
     """:func:`plan_collapse` with options already validated."""
+    gated = gated_sites(model)
+    if gated:
+        return _gated_plan(model, gated, opts)
     sites = collapsible_sites(model)
     cost = cost_objective(model, opts)
     if opts.calib is None:
@@ -101,6 +106,27 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         plan.measured_error = cal.model_error(config)
     return _note_latency(_calibrated_notes(plan, cal.rows, "from the exact residual (1-alpha)*W2*(base(z)-z) "
                                            "(chains: re-run in float64)"), cost)
+
+
+def _gated_plan(model: nn.Module, gated: list, opts: PlanOptions) -> CollapsePlan:
+    """Gated FFN sites: only fitted forms exist, so calibration data and a budget (or force) are needed."""
+    if find_sites(model):
+        raise ValueError(f"this model holds both gated FFN sites ({gated[0][0]}, ...) and Linear -> act -> Linear sites "
+                         f"({find_sites(model)[0].path}, ...); plan them separately: prepare_ with filter_fn to convert "
+                         "one kind at a time")
+    if opts.calib is None or opts.fit is False:
+        raise ValueError("gated FFN sites (down(act(gate x) * up x)) have no algebraic merge: every collapsed form is "
+                         "fitted to calibration data; pass calib= with target= or max_error= (fit=False and the "
+                         "tol-only plan do not apply)")
+    if not (opts.budget or opts.force):
+        raise ValueError("gated FFN sites need a budget: target= (fraction of the gated sites' FLOPs to remove) or "
+                         "max_error= (bound on ||dy|| / ||y|| on calib), or force=True (every site linear)")
+    if opts.objective != "flops":
+        raise ValueError(f"objective={opts.objective!r} is not measured for gated FFN sites yet; plan them with "
+                         "objective='flops'")
+    batches = calib_batches(model, opts.calib, forward_fn=opts.forward_fn)
+    with eval_no_grad(model):
+        return plan_gated(model, gated, batches, opts)
 
 
 def _threshold_plan(sites: list[Site], opts: PlanOptions, cost) -> CollapsePlan:

@@ -48,6 +48,9 @@ class Batch:
     def n_rows(self) -> int:
         if self.mask is not None:
             return int(self.mask.sum())
+        ids = self.kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            return int(ids.numel())  # every token of every sequence is a row
         x = next((a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if x is None:
             return 1

@@ -34,7 +34,7 @@ class PlanOptions:
     force: bool = False
     objective: str = "flops"
     search: str = "auto"
-    fit: bool | None = None
+    fit: bool | str | None = None
     forward_fn: object = None
     round_to: int = 8
     tokens: int | None = None  # objective="latency": rows each site sees per call
@@ -45,13 +45,19 @@ class PlanOptions:
         return self.calib is not None and self.fit is not False
 
     @property
+    def fit_target(self) -> str:
+        """What a fitted replacement reproduces: ``"local"`` (its site's own dense function on the
+        inputs it now sees) or ``"global"`` (the dense model's stream after its block)."""
+        return "global" if self.fit == "global" else "local"
+
+    @property
     def budget(self) -> bool:
         return self.max_error is not None or self.target is not None
 
     @classmethod
     def of(cls, *, tol: float = 0.05, calib: object = None, max_error: float | None = None,
            target: float | None = None, force: bool = False, objective: str = "flops",
-           search: str = "auto", fit: bool | None = None, forward_fn: object = None,
+           search: str = "auto", fit: bool | str | None = None, forward_fn: object = None,
            round_to: int = 8, example: object = None, tokens: int | None = None) -> "PlanOptions":
         """Check every option once; errors name the option, what arrived and what is expected."""
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
@@ -69,9 +75,10 @@ class PlanOptions:
             raise ValueError(f"target is the fraction of collapsible {objective} to remove, in (0, 1]; got {target!r}")
         max_error = None if max_error is None else float(max_error)
         target = None if target is None else float(target)
-        if fit not in (None, True, False):
-            raise TypeError(f"fit must be None (fit when calib is given), True or False, got {fit!r}")
-        if fit is True and calib is None:
+        if not any(fit is v for v in (None, True, False)) and fit not in ("local", "global"):
+            raise TypeError(f"fit must be None (fit when calib is given), True, False, 'local' or 'global', got "
+                            f"{fit!r}")
+        if (fit is True or fit in ("local", "global")) and calib is None:
             raise ValueError("fit=True fits replacements to calibration data: pass calib= (inputs the model's forward "
                              "takes), or fit=None / fit=False")
         if forward_fn is not None and not callable(forward_fn):

@@ -10,8 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-MERGE, FACTOR, KEEP, PARTIAL = "MERGE", "FACTOR", "KEEP", "PARTIAL"
+MERGE, FACTOR, KEEP, PARTIAL, LINEAR = "MERGE", "FACTOR", "KEEP", "PARTIAL", "LINEAR"
 DECISIONS = (MERGE, FACTOR, KEEP, PARTIAL)
+GATED_DECISIONS = (KEEP, PARTIAL, LINEAR)  # a gated FFN has no merge: its linear form is fitted
 OBJECTIVES = ("flops", "params", "latency")
 PLAN_FORMAT = 1
 
@@ -72,6 +73,10 @@ class CollapsePlan:
     search: str | None = None  # "exhaustive" or "greedy" when a budget decided
     fit: bool = False  # replacements fitted to calibration data: collapse_ needs the same calib
     round_to: int = 8  # kept PARTIAL widths are multiples of this (data-chosen channels)
+    fit_target: str | None = None  # gated sites: "local" or "global" (see planning/gated.py)
+    # Fitted replacement modules by site path (gated sites): collapse_ installs them without calib.
+    # Not part of the JSON; they travel with save_collapsed / save_pretrained.
+    fitted: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[SitePlan]:
         return iter(self.sites)
@@ -117,10 +122,14 @@ class CollapsePlan:
     def joint_counts(self) -> tuple[int, int]:
         """(joints made linear, all joints)."""
         joints = [j for s in self.sites for j in s.joints]
-        return sum(j.decision in (MERGE, FACTOR) for j in joints), len(joints)
+        return sum(j.decision in (MERGE, FACTOR, LINEAR) for j in joints), len(joints)
 
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, **asdict(self)}
+        fitted, self.fitted = self.fitted, {}
+        try:
+            return {"format": PLAN_FORMAT, **asdict(self)}
+        finally:
+            self.fitted = fitted
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -132,7 +141,7 @@ class CollapsePlan:
             raise ValueError(f"not a CollapsePlan (format {got!r}, expected {PLAN_FORMAT}); was it written by to_json()?")
         try:
             sites = [SitePlan(**{**s, "joints": [JointPlan(**j) for j in s["joints"]]}) for s in d["sites"]]
-            rest = {k: v for k, v in d.items() if k not in ("format", "sites")}
+            rest = {k: v for k, v in d.items() if k not in ("format", "sites", "fitted")}
             return cls(sites=sites, **rest)
         except (KeyError, TypeError) as e:
             raise ValueError(f"corrupt CollapsePlan: {e}") from e

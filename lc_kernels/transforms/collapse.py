@@ -7,10 +7,12 @@ from torch import nn
 from ..algebra import Block, canonical_affines, collapsed_modules, exact_blocks, install, site_acts
 from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCFusedMLP, linears_of
-from ..planning import DECISIONS, KEEP, PARTIAL, CollapsePlan, SitePlan, plan_collapse
+from ..nn.gated import LCGatedMLP
+from ..planning import DECISIONS, GATED_DECISIONS, KEEP, LINEAR, PARTIAL, CollapsePlan, SitePlan, plan_collapse
 from ..planning.calibration import eval_no_grad
 from ..planning.cost import partial_conflict
 from ..planning.fitting import fit_sequential, site_decisions
+from ..planning.gated import GatedSite, SiteStream, fit_plan
 from ..planning.inputs import calib_batches
 from ..planning.sites import site_of
 from .atomic import atomic
@@ -33,7 +35,7 @@ def _check_site_matches(model: nn.Module, sp: SitePlan) -> nn.Module:
 
 
 def _check_alphas(m: nn.Module, sp: SitePlan) -> None:
-    acts = [m.act] if isinstance(m, LCFusedMLP) else list(m.acts)
+    acts = [m.act] if isinstance(m, (LCFusedMLP, LCGatedMLP)) else list(m.acts)
     for i, (act, jp) in enumerate(zip(acts, sp.joints)):
         if not isinstance(act, CollapsibleActivation):
             continue
@@ -95,6 +97,8 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
         raise ValueError(f"the plan lists site(s) {twice} more than once; a plan holds each site once")
+    if any(sp.kind == "LCGatedMLP" for sp in plan.sites):
+        return collapse_gated_(model, plan, calib=calib, forward_fn=forward_fn)
     mods = [_check_site_matches(model, sp) for sp in plan.sites]
     for m, sp in zip(mods, plan.sites):
         _check_joints(m, sp)
@@ -132,6 +136,67 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
             install(mods[i], parts)
         _record(model, plan)
     return plan
+
+
+def collapse_gated_(model: nn.Module, plan: CollapsePlan, *, calib: object = None,
+                    forward_fn: object = None) -> CollapsePlan:
+    """Install a gated plan's fitted replacements (``plan.fitted``); with ``calib`` fit them again on it."""
+    if any(sp.kind != "LCGatedMLP" for sp in plan.sites):
+        raise ValueError("the plan mixes gated FFN sites and other sites; plan and collapse them separately")
+    mods: list[LCGatedMLP] = []
+    for sp in plan.sites:
+        m = _site_module(model, sp.path)
+        if not isinstance(m, LCGatedMLP) or m.form != "gated":
+            what = f"LCGatedMLP(form={m.form!r})" if isinstance(m, LCGatedMLP) else type(m).__name__
+            raise ValueError(f"plan site {sp.path!r} expects an uncollapsed LCGatedMLP, the model has {what}")
+        widths = [m.in_features, m.hidden_features, m.out_features]
+        if sp.widths != widths:
+            raise ValueError(f"plan site {sp.path!r} expects widths {sp.widths}, the model has {widths}")
+        if len(sp.joints) != 1 or sp.joints[0].decision not in GATED_DECISIONS:
+            got = [j.decision for j in sp.joints]
+            raise ValueError(f"plan site {sp.path!r}: a gated site has one joint decided {GATED_DECISIONS}, got {got}")
+        _check_alphas(m, sp)
+        mods.append(m)
+    changing = [(m, sp) for m, sp in zip(mods, plan.sites) if sp.changes]
+    fitted = dict(plan.fitted)
+    if calib is not None and changing:
+        fitted = refit_gated(model, plan, calib, forward_fn)
+    missing = [sp.path for _, sp in changing if sp.path not in fitted]
+    if missing:
+        raise ValueError(f"the plan carries no fitted replacement for {missing[:3]} (a plan read back from JSON holds "
+                         "decisions only): pass calib= to fit them, or plan again with lc.plan_collapse(..., calib=)")
+    for m, sp in changing:
+        rep = fitted[sp.path]
+        want = "partial" if sp.joints[0].decision == PARTIAL else "linear"
+        if not isinstance(rep, LCGatedMLP) or rep.form != want or (rep.in_features, rep.out_features) != (
+                m.in_features, m.out_features):
+            raise ValueError(f"plan site {sp.path!r}: its fitted replacement is {rep!r}, expected an LCGatedMLP of "
+                             f"form {want!r} with widths {m.in_features} -> {m.out_features}")
+        _check_finite(rep, sp.path)
+    with atomic(model, "collapse_"):
+        for m, sp in changing:
+            m.become(fitted[sp.path])
+        _record(model, plan)
+    return plan
+
+
+def _site_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"plan site {path!r} does not exist in this model; was the plan made for another model?") \
+            from None
+
+
+def refit_gated(model: nn.Module, plan: CollapsePlan, calib: object, forward_fn: object) -> dict:
+    """The plan's widths fitted again, in sequence, on ``calib`` (channels chosen from it)."""
+    sites = [GatedSite.of(model.get_submodule(sp.path), sp.path) for sp in plan.sites]
+    kept = [s.h - len(sp.joints[0].linear_channels or []) if sp.joints[0].decision == PARTIAL
+            else 0 if sp.joints[0].decision == LINEAR else s.h for s, sp in zip(sites, plan.sites)]
+    batches = calib_batches(model, calib, forward_fn=forward_fn)
+    with eval_no_grad(model):
+        fitted, _, _ = fit_plan(SiteStream(model, sites, batches, forward_fn), kept, plan.fit_target or "local")
+    return {sites[i].path: mod for i, mod in fitted.items()}
 
 
 def _check_joints(m: nn.Module, sp: SitePlan) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn.activation import CollapsibleActivation
+from ..nn.gated import LCGatedMLP
 from ..nn.mlp import LCFusedMLP
 
 # model.__dict__ key: the prepared architecture (from prepare_ or load_collapsed), kept for saving.
@@ -41,6 +42,9 @@ def _dtype(m: nn.Module) -> str | None:
 
 def _describe_untouched(m: nn.Module) -> dict:
     """The full description of a site that no plan has changed (as ``prepare_`` left it)."""
+    if isinstance(m, LCGatedMLP):
+        return {"kind": "LCGatedMLP", "widths": [m.in_features, m.hidden_features, m.out_features],
+                "dtype": _dtype(m), "joints": [_joint(m.act, None, False, None)], "packed": m.packed}
     if isinstance(m, LCFusedMLP):
         lins, joints = [m.fc1, m.fc2], [_joint(m.act, m.norm, m.norm_pre, m.drop)]
     else:

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from ..integrations import PrepareOptions, PreparedSites, handlers
+from ..integrations import PrepareOptions, PreparedSites, handlers, unrecognised_ffns
 from ..integrations.registry import FilterFn
 from .atomic import atomic
 from .describe import PREPARED_KEY, _describe_untouched
@@ -45,6 +45,7 @@ def prepare_(
             visited.add(id(m))
             for handler in handlers():
                 handler(m, path, opts)
+        unrecognised_ffns(model, opts)
     known = model.__dict__.setdefault(PREPARED_KEY, {})
     for path in opts.result:
         known[path] = _describe_untouched(model.get_submodule(path) if path else model)
