@@ -47,13 +47,6 @@ def gated_hidden(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, act: Collapsib
     return act(g).mul_(u) if not torch.is_grad_enabled() else act(g) * u
 
 
-def _packed_hidden(x, w, b, act, alpha):  # TEMP until ops.fused_gated_linear lands
-    from ..ops.reference import collapsible_activation
-    gu = F.linear(x, w, b)
-    g, u = gu.chunk(2, dim=-1)
-    return collapsible_activation(g, act, alpha) * u
-
-
 class LCGatedMLP(nn.Module):
     """Drop-in gated FFN ``down(act(gate(x)) * up(x))`` whose activation carries a collapsible slope.
 
@@ -138,7 +131,7 @@ class LCGatedMLP(nn.Module):
         """``act(gate x) * up x``, the gated channels (kept channels once PARTIAL)."""
         if self.packed:
             gu = self.gate_up_proj
-            return _packed_hidden(x, gu.weight, gu.bias, self.act.base, self.act.alpha)
+            return ops.fused_gated_linear(x, gu.weight, gu.bias, self.act.base, self.act.alpha)
         return gated_hidden(x, self.gate_proj, self.up_proj, self.act)
 
     def _skip(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
