@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .nn.gated import LCGatedMLP
 from .nn.mlp import LCChain, LCFusedMLP
 from .planning import CollapsePlan, plan_collapse
+from .planning.gated import GatedSite, gated_sites, measure
+from .planning.layerwise import _Stop, output_point
 from .planning.calibration import eval_no_grad
 from .planning.inputs import Batch, ForwardFn, calib_batches, flat_output, run_model
 from .planning.options import check_number
@@ -36,7 +39,8 @@ class SiteStep:
     flops_before: int
     flops_after: int
     planned_error: float | None  # the site's output error in the fitted plan
-    model_error: float  # measured model-output error once this site (and those before it) collapsed
+    model_error: float | None  # measured model-output error once this site (and those before it) collapsed
+    # (gated sites are fitted and installed together: only the last step carries the model error)
     healed_error: float | None = None  # the same after healing, when healing ran
 
 
@@ -64,7 +68,7 @@ class CompressReport:
                 "after heal" if self.heal_steps else "")
         rows = [(str(k + 1), s.path, s.decision, f"{s.params_before} -> {s.params_after}",
                  f"{s.flops_before} -> {s.flops_after}", "-" if s.planned_error is None else f"{s.planned_error:.2e}",
-                 f"{s.model_error:.2e}", "" if s.healed_error is None else f"{s.healed_error:.2e}")
+                 "-" if s.model_error is None else f"{s.model_error:.2e}", "" if s.healed_error is None else f"{s.healed_error:.2e}")
                 for k, s in enumerate(self.steps)]
         rows.append(("", "TOTAL", f"{len(self.steps)} sites changed", f"{self.params_before} -> {self.params_after}",
                      f"{self.flops_before} -> {self.flops_after}", "", f"{self.final_error:.2e}",
@@ -130,9 +134,13 @@ def _error(model: nn.Module, batches: list[Batch], teacher: _Teacher, forward_fn
 
 
 def _heal(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], steps: int, lr: float,
-          forward_fn: ForwardFn | None, first_step: int) -> None:
-    """Self-distillation: minimise the relative squared output error to the teacher, slopes frozen."""
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("alpha")]
+          forward_fn: ForwardFn | None, first_step: int, heal_loss=None, params: list | None = None,
+          loss_fn=None) -> None:
+    """Healing, slopes frozen: ``heal_loss(model, batch)`` when given (labels allowed), else
+    ``loss_fn(model, batch, k)`` (the gated path's distillation), else self-distillation on the
+    relative squared output error to the teacher."""
+    if params is None:
+        params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("alpha")]
     if not params or steps <= 0:
         return
     opt = torch.optim.Adam(params, lr=lr)
@@ -141,10 +149,19 @@ def _heal(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], s
     try:
         for step in range(steps):
             k = (first_step + step) % len(batches)
-            b, t = batches[k], targets[k]
+            b, t = batches[k], targets[k] if targets else None
             with torch.enable_grad():
-                y = flat_output_grad(run_model(model, b, k, forward_fn), b)
-                loss = (y - t.to(y.dtype)).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30).to(y.dtype)
+                if heal_loss is not None:
+                    loss = heal_loss(model, b.raw)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                        raise TypeError(f"heal_loss(model, batch) must return a scalar tensor with a graph to the "
+                                        f"model's weights, got {type(loss).__name__} "
+                                        f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                elif loss_fn is not None:
+                    loss = loss_fn(model, b, k)
+                else:
+                    y = flat_output_grad(run_model(model, b, k, forward_fn), b)
+                    loss = (y - t.to(y.dtype)).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30).to(y.dtype)
             if not torch.isfinite(loss):
                 raise ValueError(f"healing step {first_step + step}: the distillation loss is {loss.item()}; "
                                  f"lower heal_lr (now {lr:g})")
@@ -188,6 +205,8 @@ def compress(
     objective: str = "flops",
     example: object = None,
     tokens: int | None = None,
+    heal_loss=None,
+    fit: str | None = None,
 ) -> CompressReport:
     """Compress ``model`` in place: the one call for a pretrained model.
 
@@ -202,6 +221,16 @@ def compress(
     serving batch) or ``tokens=`` plans on times measured on this device instead of FLOPs; ``target``
     is then a fraction of the sites' measured time (see :func:`plan_collapse`). All or nothing: a
     failure restores the model.
+
+    ``heal_loss(model, batch) -> loss`` heals with the user's own loss (labels allowed: ``batch`` is
+    what ``heal_data`` yields); without it healing distils the model's own outputs. Either way a
+    healing round that makes the calibration error worse is undone.
+
+    Gated FFNs (decoder LLMs: :class:`~lc_kernels.LCGatedMLP`) are planned and fitted in one
+    layer-by-layer pass and installed together (the plan carries its fits; ``fit="local"`` or
+    ``"global"`` picks the fit target). Their errors are taken at the final hidden state (the input
+    of the output embedding), never on full-vocabulary logits; healing distils the dense model's
+    next-token distribution (KL on logits, batch by batch) into the compressed sites' weights.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -214,12 +243,25 @@ def compress(
     if not isinstance(heal_steps, int) or isinstance(heal_steps, bool) or heal_steps < 0:
         raise ValueError(f"heal_steps must be an int >= 0, got {heal_steps!r}")
     heal_lr = check_number("heal_lr", heal_lr, low=0, low_open=True, what=" (the healing learning rate)")
+    if heal_loss is not None and not callable(heal_loss):
+        raise TypeError(f"heal_loss must be a function heal_loss(model, batch) -> scalar loss, got "
+                        f"{type(heal_loss).__name__}")
     with atomic(model, "compress"):
         prepared = []
-        if not any(isinstance(m, (LCFusedMLP, LCChain)) for m in model.modules()):
-            prepared = list(prepare_(model))
+        if not any(isinstance(m, (LCFusedMLP, LCChain, LCGatedMLP)) for m in model.modules()):
+            sites = prepare_(model)
+            prepared = list(sites)
             if not prepared:
-                raise ValueError("compress found no Linear -> activation -> Linear site to collapse in this model")
+                why = "; ".join(f"{p or '<model>'}: {r}" for p, r in sites.skipped[:3])
+                raise ValueError("compress found no Linear -> activation -> Linear or gated FFN site to collapse in "
+                                 "this model" + (f" (left alone: {why})" if why else ""))
+        if gated_sites(model):
+            return _compress_gated(model, calib, target=target, max_error=max_error, heal_steps=heal_steps,
+                                   heal_data=heal_data, heal_lr=heal_lr, forward_fn=forward_fn, heal_loss=heal_loss,
+                                   fit=fit, objective=objective, prepared=prepared)
+        if fit not in (None, "local"):
+            raise ValueError(f"fit={fit!r}: Linear -> act -> Linear sites are fitted to their own function "
+                             "(fit='local'); 'global' applies to gated FFN sites")
         batches = calib_batches(model, calib, forward_fn=forward_fn)
         heal = batches if heal_data is None else calib_batches(model, heal_data, forward_fn=forward_fn)
         teacher = _Teacher(model, batches, heal if heal_steps else [], forward_fn)
@@ -242,7 +284,7 @@ def compress(
                             sp.est_error, err)
             if per_step[k]:
                 saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
-                _heal(model, heal, teacher.heal, per_step[k], heal_lr, forward_fn, done_heal)
+                _heal(model, heal, teacher.heal, per_step[k], heal_lr, forward_fn, done_heal, heal_loss)
                 done_heal += per_step[k]
                 step.healed_error = _error(model, batches, teacher, forward_fn)
                 if step.healed_error > err:
@@ -259,6 +301,101 @@ def compress(
         final = curve[-1][1]
     return CompressReport(steps, plan, total_before, plan.flops_after, plan.params_before, plan.params_after, final,
                           done_heal, prepared, curve)
+
+
+def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_steps: int, heal_data, heal_lr: float,
+                    forward_fn, heal_loss, fit, objective, prepared: list[str]) -> CompressReport:
+    """:func:`compress` for gated FFN sites: one fitted plan, installed at once, then healing."""
+    batches = calib_batches(model, calib, forward_fn=forward_fn)
+    heal = batches if heal_data is None else calib_batches(model, heal_data, forward_fn=forward_fn)
+    sites = [GatedSite.of(m, p) for p, m in gated_sites(model)]
+    head = output_point(model) if forward_fn is None else None
+    with eval_no_grad(model):
+        teacher = _hidden_states(model, heal, forward_fn) if heal_steps and heal_loss is None else []
+    plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn,
+                         objective=objective, fit=fit)
+    with eval_no_grad(model):
+        _, reference = measure(model, sites, batches, forward_fn, {})
+    collapse_(model, plan)
+    err = plan.measured_error
+    changing = [sp for sp in plan.sites if sp.changes]
+    steps = [SiteStep(sp.path, sp.decision, sp.params_before, sp.params_after, sp.flops_before, sp.flops_after,
+                      sp.est_error, err if k == len(changing) - 1 else None) for k, sp in enumerate(changing)]
+    done_heal = 0
+    if heal_steps and changing:
+        params = [p for sp in changing for n, p in model.get_submodule(sp.path).named_parameters()
+                  if p.requires_grad and not n.endswith("alpha")]
+        saved = {id(p): p.detach().clone() for p in params}
+
+        def distil(m: nn.Module, b: Batch, k: int) -> torch.Tensor:
+            return _distillation_loss(m, b, k, teacher[k], head, forward_fn)
+
+        _heal(model, heal, [], heal_steps, heal_lr, forward_fn, 0, heal_loss, params=params,
+              loss_fn=None if heal_loss is not None else distil)
+        done_heal = heal_steps
+        with eval_no_grad(model):
+            healed = _error_now(model, sites, batches, forward_fn, reference)
+        if healed > err:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(saved[id(p)])
+            healed = err
+        steps[-1].healed_error = healed
+    final = steps[-1].healed_error if steps and steps[-1].healed_error is not None else err
+    removed = plan.flops_before - plan.flops_after
+    curve = [(0.0, 0.0), (removed / plan.flops_before if plan.flops_before else 0.0, final)]
+    return CompressReport(steps, plan, plan.flops_before, plan.flops_after, plan.params_before, plan.params_after,
+                          final, done_heal, prepared, curve)
+
+
+def _error_now(model: nn.Module, sites, batches: list[Batch], forward_fn, reference) -> float:
+    """The model-output error of the model as it is now (its sites already collapsed)."""
+    err, _ = measure(model, sites, batches, forward_fn, {}, reference)
+    return err
+
+
+def _hidden_states(model: nn.Module, batches: list[Batch], forward_fn) -> list[torch.Tensor]:
+    """Per batch, the output at the measurement point (final hidden state of a causal LM), float32 rows."""
+    head = output_point(model) if forward_fn is None else None
+    out = []
+    for k, b in enumerate(batches):
+        out.append(_student(model, b, k, head, forward_fn).detach())
+    return out
+
+
+def _student(model: nn.Module, b: Batch, k: int, head: nn.Module | None, forward_fn) -> torch.Tensor:
+    """The model's output rows at the measurement point, with the graph (no logits computed)."""
+    if head is None:
+        return flat_output_grad(run_model(model, b, k, forward_fn), b)
+    got: list[torch.Tensor] = []
+
+    def pre(mod, args):
+        got.append(args[0])
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        run_model(model, b, k, forward_fn)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return b.rows(got[0]).to(torch.float32)
+
+
+def _distillation_loss(model: nn.Module, b: Batch, k: int, teacher: torch.Tensor, head: nn.Module | None,
+                       forward_fn) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions through the (frozen) output embedding,
+    batch by batch; relative squared error when the model has no output embedding."""
+    h = _student(model, b, k, head, forward_fn)
+    if head is None:
+        return (h - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(1e-30)
+    w = head.weight.detach().to(torch.float32)
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(torch.float32)
+    with torch.no_grad():
+        p_t = torch.log_softmax(torch.nn.functional.linear(teacher, w, bias), dim=-1)
+    log_s = torch.log_softmax(torch.nn.functional.linear(h, w, bias), dim=-1)
+    return torch.nn.functional.kl_div(log_s, p_t, log_target=True, reduction="batchmean")
 
 
 def _current(model: nn.Module, sp):

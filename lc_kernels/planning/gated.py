@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algebra import Affine, FIT_RIDGE, ridge_fit
+from ..algebra import Affine, FIT_RIDGE, ridge_fit, with_ones
 from ..nn.gated import LCGatedMLP
 from ..ops.reference import collapsible_activation
 from .inputs import Batch, ForwardFn
@@ -117,77 +117,124 @@ class GatedSite:
 
 
 class GatedStats:
-    """``G = A^T A`` for ``A = [h, x, 1]`` on a site's inputs, and ``A^T T`` for a target ``T``."""
+    """Least-squares statistics of one site on the rows it saw: its inputs ``x`` and the target ``T``.
 
-    def __init__(self, site: GatedSite, explicit_target: bool):
-        n = site.h + site.d + 1
-        dev = site.wd.device
+    Screening needs only ``[x, 1]^T [x, 1]``, ``[x, 1]^T h`` and ``sum h^2`` per channel (which
+    channels a linear map explains); a fit needs the Gram matrix of ``[h_K, x, 1]`` for the kept
+    channels only, built from the stored rows (one block's activations) when they are known.
+    """
+
+    def __init__(self, site: GatedSite):
         self.site = site
-        self.g = torch.zeros(n, n, dtype=torch.float64, device=dev)
-        self.aty = torch.zeros(n, site.d_out, dtype=torch.float64, device=dev) if explicit_target else None
-        self.tt = 0.0
+        self.xs: list[torch.Tensor] = []
+        self.ts: list[torch.Tensor] = []
         self.rows = 0
         self.stream2 = 0.0  # ||stream after the block||^2 on the same rows
+        self._screen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._order: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor, target: torch.Tensor | None = None, stream: torch.Tensor | None = None) -> None:
-        x = x.to(torch.float64)
-        a = torch.cat([self.site.hidden(x), x, x.new_ones(x.shape[0], 1)], dim=1)
-        self.g += a.T @ a
-        if self.aty is not None:
-            t = target.to(torch.float64)
-            self.aty += a.T @ t
-            self.tt += float(t.pow(2).sum())
+    def add(self, x: torch.Tensor, target: torch.Tensor, stream: torch.Tensor | None = None) -> None:
+        """Rows of the site's input and of what its replacement should output there."""
+        self.xs.append(x.detach())
+        self.ts.append(target.detach())
         if stream is not None:
-            self.stream2 += float(stream.to(torch.float64).pow(2).sum())
+            self.stream2 += float(stream.detach().to(torch.float64).pow(2).sum())
         self.rows += x.shape[0]
+        self._screen = self._order = None
 
-    def _dense_map(self) -> torch.Tensor:
-        """``M0`` with ``A M0 = W_d h + b_d`` (the dense block), as a (h + d + 1, d_out) matrix."""
+    def _hidden(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(g) * u`` of the ``kept`` channels (all when None), computed in the module's dtype."""
         s = self.site
-        return torch.cat([s.wd.T, torch.zeros(s.d, s.d_out, dtype=torch.float64, device=s.wd.device), s.bd[None]])
+        wg, wu, bg, bu = s.wg, s.wu, s.bg, s.bu
+        if kept is not None:
+            wg, wu, bg, bu = wg[kept], wu[kept], bg[kept], bu[kept]
+        dt = x.dtype
+        g = F.linear(x, wg.to(dt), bg.to(dt))
+        return (collapsible_activation(g, s.base, s.alpha.to(dt) if s.alpha.numel() == 1 or kept is None
+                                       else s.alpha[kept].to(dt)) * F.linear(x, wu.to(dt), bu.to(dt))).double()
 
-    def target_terms(self) -> tuple[torch.Tensor, float]:
-        """``A^T T`` and ``||T||^2``: the explicit target's, or the dense block's own output (local)."""
-        if self.aty is not None:
-            return self.aty, self.tt
-        m0 = self._dense_map()
-        aty = self.g @ m0
-        return aty, float((m0 * aty).sum())
+    def screen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[x,1]^T [x,1]``, ``[x,1]^T h`` and per-channel ``sum h^2`` (float64)."""
+        if self._screen is None:
+            s = self.site
+            dev = s.wd.device
+            gxx = torch.zeros(s.d + 1, s.d + 1, dtype=torch.float64, device=dev)
+            gxh = torch.zeros(s.d + 1, s.h, dtype=torch.float64, device=dev)
+            hh = torch.zeros(s.h, dtype=torch.float64, device=dev)
+            for x in self.xs:
+                a, h = with_ones(x), self._hidden(x)
+                gxx += a.T @ a
+                gxh += a.T @ h
+                hh += h.pow(2).sum(0)
+            self._screen = gxx, gxh, hh
+        return self._screen
 
     def scores(self, ridge: float = FIT_RIDGE) -> torch.Tensor:
         """Per channel: the part of ``h_c`` a linear map of ``[x, 1]`` leaves unexplained (norm), times
         ``||W_d[:, c]||``. Channels with score 0 fold into the skip at no cost."""
-        s, g = self.site, self.g
-        xh = slice(s.h, None)
-        gxx, gxh = g[xh, xh], g[xh, :s.h]
+        gxx, gxh, hh = self.screen()
         lam = ridge * float(torch.diagonal(gxx).mean()) or 1.0
-        sol = torch.linalg.solve(gxx + lam * torch.eye(gxx.shape[0], dtype=g.dtype, device=g.device), gxh)
-        r2 = (torch.diagonal(g)[:s.h] - (gxh * sol).sum(0)).clamp_min(0)
-        return r2.sqrt() * s.wd.norm(dim=0)
+        sol = torch.linalg.solve(gxx + lam * torch.eye(gxx.shape[0], dtype=gxx.dtype, device=gxx.device), gxh)
+        r2 = (hh - (gxh * sol).sum(0)).clamp_min(0)
+        return r2.sqrt() * self.site.wd.norm(dim=0)
 
-    def fit(self, kept: torch.Tensor, ridge: float = FIT_RIDGE) -> tuple[Affine, float]:
-        """The joint least-squares fit on ``[h_K, x, 1]`` (kept channels ``kept``, sorted), pulled toward
-        the dense block's own weights; returns the map (``weight`` = ``[W_d', S]``) and its squared
-        error on the data."""
+    def order(self) -> torch.Tensor:
+        """Channels from most to least worth keeping."""
+        if self._order is None:
+            self._order = self.scores().argsort(descending=True)
+        return self._order
+
+    def normal_equations(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``A^T A``, ``A^T T`` and ``||T||^2`` for ``A = [h_kept, x, 1]``."""
         s = self.site
-        idx = torch.cat([kept.to(self.g.device), torch.arange(s.h, s.h + s.d + 1, device=self.g.device)])
-        ata = self.g[idx][:, idx]
-        aty_all, tt = self.target_terms()
-        aty = aty_all[idx]
+        n = int(kept.numel()) + s.d + 1
+        ata = torch.zeros(n, n, dtype=torch.float64, device=s.wd.device)
+        aty = torch.zeros(n, s.d_out, dtype=torch.float64, device=s.wd.device)
+        tt = 0.0
+        for x, t in zip(self.xs, self.ts):
+            a = torch.cat([self._hidden(x, kept), with_ones(x)], dim=1)
+            t = t.to(torch.float64)
+            ata += a.T @ a
+            aty += a.T @ t
+            tt += float(t.pow(2).sum())
+        return ata, aty, tt
+
+    def fit(self, kept: torch.Tensor, ridge: float = FIT_RIDGE) -> tuple[Affine, float, float]:
+        """The joint least-squares fit on ``[h_K, x, 1]`` (kept channels ``kept``, sorted), pulled toward
+        the dense block's own weights; returns the map (``weight`` = ``[W_d', S]``), its squared error
+        on the rows and ``||T||^2``."""
+        s = self.site
+        kept = kept.to(s.wd.device)
+        ata, aty, tt = self.normal_equations(kept)
         prior = Affine(torch.cat([s.wd[:, kept], torch.zeros(s.d_out, s.d, dtype=torch.float64,
                                                               device=s.wd.device)], dim=1), s.bd.clone())
         fit = ridge_fit(ata, aty, prior, ridge)
         m = torch.cat([fit.weight.T, fit.bias[None]])
         err2 = tt - 2 * float((m * aty).sum()) + float((m * (ata @ m)).sum())
-        return fit, max(err2, 0.0)
+        return fit, max(err2, 0.0), tt
 
-    def order(self) -> torch.Tensor:
-        """Channels from most to least worth keeping."""
-        return self.scores().argsort(descending=True)
-
-
-def kept_channels(stats: GatedStats, k: int) -> torch.Tensor:
-    return stats.order()[:k].sort().values
+    def prefix_errors(self, widths: list[int], ridge: float = FIT_RIDGE) -> dict[int, float]:
+        """Squared error of the fit keeping the first ``k`` channels of :meth:`order`, for every ``k`` in
+        ``widths``, from one Cholesky factorisation: with the columns ordered ``[x, 1, h_order]``, the
+        factor of each leading block is the leading block of the full factor, and the least-squares
+        residual of a prefix is ``||T||^2 - ||L^-1 A^T T||^2`` over that prefix (ridge toward 0: an
+        estimate that ranks widths)."""
+        s = self.site
+        order = self.order()
+        n = s.d + 1 + s.h
+        g = torch.zeros(n, n, dtype=torch.float64, device=s.wd.device)
+        aty = torch.zeros(n, s.d_out, dtype=torch.float64, device=s.wd.device)
+        tt = 0.0
+        for x, t in zip(self.xs, self.ts):
+            a = torch.cat([with_ones(x), self._hidden(x)[:, order]], dim=1)
+            t = t.to(torch.float64)
+            g += a.T @ a
+            aty += a.T @ t
+            tt += float(t.pow(2).sum())
+        lam = ridge * float(torch.diagonal(g).mean()) or 1.0
+        chol = torch.linalg.cholesky(g + lam * torch.eye(n, dtype=g.dtype, device=g.device))
+        z2 = torch.linalg.solve_triangular(chol, aty, upper=False).pow(2).sum(1).cumsum(0)
+        return {k: max(tt - float(z2[s.d + k]), 0.0) for k in widths}
 
 
 def build_module(site: GatedSite, kept: torch.Tensor, fit: Affine) -> LCGatedMLP:
@@ -343,25 +390,21 @@ def estimate(engine: SiteStream, round_to: int, ridge: float = FIT_RIDGE) -> tup
 
     def visit(i, rows):
         s = engine.sites[i]
-        st = GatedStats(s, explicit_target=False)
+        st = GatedStats(s)
         left = ESTIMATE_ROWS
         for x, y, _, stream in rows:
             if left <= 0:
                 break
-            st.add(x[:left], stream=None if stream is None else stream[:left])
+            st.add(x[:left], y[:left], stream=None if stream is None else stream[:left])
             left -= min(left, x.shape[0])
-        _, tt = st.target_terms()
+        tt = sum(float(t.to(torch.float64).pow(2).sum()) for t in st.ts)
         norms[i] = tt
         weight = 1.0 / st.stream2 if st.stream2 > 0 else (1.0 / tt if tt > 0 else 1.0)
-        order = st.order()
         widths = sorted({s.kept_for(f, round_to) for f in FRACTIONS} | {0}, reverse=True)
-        out = [Candidate(s.h, s.flops(s.h), 0.0, weight)]
-        for k in widths:
-            if k >= s.h or s.flops(k) >= s.flops(s.h):
-                continue
-            _, e2 = st.fit(order[:k].sort().values, ridge)
-            out.append(Candidate(k, s.flops(k), e2, weight))
-        cands[i] = out
+        widths = [k for k in widths if k < s.h and s.flops(k) < s.flops(s.h)]
+        errs = st.prefix_errors(widths, ridge)
+        cands[i] = [Candidate(s.h, s.flops(s.h), 0.0, weight)] + [Candidate(k, s.flops(k), errs[k], weight)
+                                                                  for k in widths]
         return None
 
     engine.sweep(visit)
@@ -416,12 +459,11 @@ def fit_plan(engine: SiteStream, kept: list[int], fit: str, ridge: float = FIT_R
         if k >= s.h:
             return None
         explicit = global_target and all(t is not None for _, _, t, _ in rows)
-        st = GatedStats(s, explicit_target=explicit)
+        st = GatedStats(s)
         for x, y, t, _ in rows:
-            st.add(x, target=t if explicit else None)
+            st.add(x, t if explicit else y)
         ch = st.order()[:k].sort().values if k else torch.zeros(0, dtype=torch.long, device=s.wd.device)
-        m, e2 = st.fit(ch, ridge)
-        _, tt = st.target_terms()
+        m, e2, tt = st.fit(ch, ridge)
         fitted[i], channels[i] = build_module(s, ch, m), ch
         errors[i] = math.sqrt(e2 / tt) if tt > 0 else 0.0
         return fitted[i]

@@ -204,10 +204,19 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return h
 
 
+# A block re-run on the stream must not read or grow the key/value cache of the capture pass.
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
 def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    if args and isinstance(args[0], torch.Tensor):
-        return tuple(args[1:]), dict(kwargs)
     kw = dict(kwargs)
+    for k in CACHE_KWARGS:
+        if kw.get(k) is not None:
+            kw[k] = None
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    if args and isinstance(args[0], torch.Tensor):
+        return tuple(args[1:]), kw
     kw.pop("hidden_states", None)
     return tuple(args), kw
 
