@@ -20,7 +20,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import dispatch
+from ..ops.fused_linear_op import linear_act
+from ..ops.fused_mlp_op import mlp_act
 from .activation import CollapsibleActivation
 from .convert import to_collapsible
 from .match import parse_chain
@@ -28,8 +30,13 @@ from .match import parse_chain
 FORMS = ("mlp", "merged", "factored", "partial")
 
 
-def check_input(x: object, in_features: int, who: str) -> None:
-    """Raise a helpful error when ``x`` cannot feed a layer with ``in_features`` inputs."""
+def check_input(x: object, in_features: int, who: str, like: torch.Tensor | None = None) -> None:
+    """Raise a helpful error when ``x`` cannot feed a layer with ``in_features`` inputs.
+
+    With ``like`` (the layer's first weight), ``x`` must also match its dtype and device. This is
+    the one check per module call: the weights were checked when the module was built, so the
+    ops run unchecked (``ops.fused_linear_op.linear_act``).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -38,6 +45,23 @@ def check_input(x: object, in_features: int, who: str) -> None:
         raise ValueError(
             f"{who} expects input with last dim {in_features}, got shape {tuple(x.shape)}; "
             "reshape so features are the last dimension"
+        )
+    if like is None:
+        return
+    if x.dtype != like.dtype:
+        raise TypeError(
+            f"{who} holds {like.dtype} weights but x is {x.dtype}; cast one of them "
+            f"(x.to({like.dtype}) or module.to({x.dtype}))"
+        )
+    if x.device != like.device:
+        raise ValueError(
+            f"{who} is on {like.device} but x is on {x.device}; move the module or the input so both "
+            "are on one device (e.g. module.to(x.device))"
+        )
+    if x.dtype == torch.float64 and dispatch.use_triton(x):
+        raise TypeError(
+            f"{who}: float64 runs on the PyTorch path only and x would go to the Triton kernels "
+            "(tl.dot has no float64); use float32, or LC_KERNELS_DISABLE_TRITON=1"
         )
 
 
@@ -55,19 +79,39 @@ def joint_forward(
     return z
 
 
+def _weight_bias(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear's ``(weight, bias)`` read from its parameter dict.
+
+    ``nn.Module.__getattr__`` runs Python for every attribute, and a block's forward reads about
+    ten: at a few tokens that is a visible share of the call (``benchmarks/overhead.py``). A
+    parametrized weight or bias (computed, not stored) is not in the dict and is read the
+    ordinary way.
+    """
+    p = lin._parameters
+    try:
+        return p["weight"], p["bias"]
+    except KeyError:
+        return lin.weight, lin.bias
+
+
+def _alpha(act: nn.Module) -> torch.Tensor:
+    try:
+        return act._parameters["alpha"]
+    except KeyError:
+        return act.alpha
+
+
 def _pair(x: torch.Tensor, fc1: nn.Linear, alpha: torch.Tensor | None, act: str, fc2: nn.Linear,
           skip: nn.Linear | None = None) -> torch.Tensor:
-    """``fc2(sigma_alpha(fc1(x)))`` (``+ skip(x)`` for PARTIAL) through the registered ops.
+    """``fc2(sigma_alpha(fc1(x)))`` (``+ skip(x)`` for PARTIAL) through the ops, unchecked.
 
-    ``prefer_fused_mlp`` holds the cost rule: on CUDA the fused kernel keeps the hidden tile on
-    chip only where that beats two GEMMs; elsewhere both plans are the same aten work.
+    ``mlp_act`` holds the plan rule (fused kernel or two GEMMs, :func:`~..ops.prefer_fused_mlp`).
+    PARTIAL always runs two GEMMs so that ``fc2`` accumulates onto the skip's output.
     """
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if ops.prefer_fused_mlp(m, fc1.in_features, fc1.out_features, fc2.out_features, x.device):
-        y = ops.fused_mlp(x, fc1.weight, fc1.bias, alpha, act, fc2.weight, fc2.bias)
-        return y if skip is None else y + ops.fused_linear(x, skip.weight)
-    h = ops.fused_linear(x, fc1.weight, fc1.bias, alpha, act)
-    return ops.fused_linear(h, fc2.weight, fc2.bias) if skip is None else _skip_plus(x, skip, h, fc2)
+    w1, b1 = _weight_bias(fc1)
+    if skip is None:
+        return mlp_act(x, w1, b1, alpha, act, *_weight_bias(fc2))
+    return _skip_plus(x, skip, linear_act(x, w1, b1, alpha, act), fc2)
 
 
 def _skip_plus(x: torch.Tensor, skip: nn.Linear, h: torch.Tensor, fc2: nn.Linear) -> torch.Tensor:
@@ -77,8 +121,9 @@ def _skip_plus(x: torch.Tensor, skip: nn.Linear, h: torch.Tensor, fc2: nn.Linear
     place (BLAS ``beta = 1``): no third (M, N) buffer and no separate pass to add the two, which
     is what kept PARTIAL under its FLOP ratio at narrow widths (benchmarks/results/notes.md).
     """
-    y = ops.fused_linear(x, skip.weight, fc2.bias).contiguous()
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), fc2.weight.t())
+    w2, b2 = _weight_bias(fc2)
+    y = linear_act(x, _weight_bias(skip)[0], b2).contiguous()
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), w2.t())
     return y
 
 
@@ -163,6 +208,13 @@ class LCFusedMLP(nn.Module):
                 f"fc1 produces {fc1.out_features} features but fc2 expects {fc2.in_features}; "
                 "these Linears do not form an MLP"
             )
+        for name, t in (("fc2.weight", fc2.weight), ("fc1.bias", fc1.bias), ("fc2.bias", fc2.bias)):
+            # Checked here, once: forward checks only the input against fc1.weight.
+            if t is not None and (t.dtype != fc1.weight.dtype or t.device != fc1.weight.device):
+                raise TypeError(
+                    f"LCFusedMLP.from_modules: {name} is {t.dtype} on {t.device} but fc1.weight is "
+                    f"{fc1.weight.dtype} on {fc1.weight.device}; move both Linears to one dtype and device"
+                )
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.hidden_features, self.out_features = (
@@ -193,17 +245,27 @@ class LCFusedMLP(nn.Module):
                                 drop=j.drop, alpha_init=alpha_init, per_channel=per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_features, "LCFusedMLP")
-        if self.form == "merged":
-            return ops.fused_linear(x, self.fc.weight, self.fc.bias)
-        if self.form == "factored":
-            return _pair(x, self.fc1, None, "identity", self.fc2)
-        skip = self.skip if self.form == "partial" else None
-        if self.norm is not None or (self.drop is not None and self.drop.training and self.drop.p > 0):
+        # Submodules through the dict, not self.<name> (see _weight_bias); norm, drop and skip
+        # are absent or None there when the block has none.
+        mods = self._modules
+        form = self.form
+        if form == "merged":
+            w, b = _weight_bias(mods["fc"])
+            check_input(x, self.in_features, "LCFusedMLP", w)
+            return linear_act(x, w, b)
+        fc1, fc2 = mods["fc1"], mods["fc2"]
+        w1 = _weight_bias(fc1)[0]
+        check_input(x, self.in_features, "LCFusedMLP", w1)
+        if form == "factored":
+            return _pair(x, fc1, None, "identity", fc2)
+        act = mods["act"]
+        skip = mods.get("skip") if form == "partial" else None
+        norm, drop = mods.get("norm"), mods.get("drop")
+        if norm is not None or (drop is not None and drop.training and drop.p > 0):
             # BatchNorm / live dropout sit between the GEMMs: no fused form, run the modules.
-            h = joint_forward(self.fc1(x), self.act, self.norm, self.norm_pre, self.drop)
-            return self.fc2(h) if skip is None else _skip_plus(x, skip, h, self.fc2)
-        return _pair(x, self.fc1, self.act.alpha, self.act.base, self.fc2, skip)
+            h = joint_forward(fc1(x), act, norm, self.norm_pre, drop)
+            return fc2(h) if skip is None else _skip_plus(x, skip, h, fc2)
+        return _pair(x, fc1, _alpha(act), act.base, fc2, skip)
 
     def extra_repr(self) -> str:
         s = f"in={self.in_features}, hidden={self.hidden_features}, out={self.out_features}, form={self.form!r}"
@@ -248,6 +310,15 @@ class LCChain(nn.Module):
                     f"linears[{i}] produces {linears[i].out_features} features but linears[{i + 1}] "
                     f"expects {linears[i + 1].in_features}"
                 )
+        w0 = linears[0].weight
+        for i, lin in enumerate(linears):
+            # Checked here, once: forward checks only the input against linears[0].weight.
+            for t in (lin.weight, lin.bias):
+                if t is not None and (t.dtype != w0.dtype or t.device != w0.device):
+                    raise TypeError(
+                        f"LCChain: linears[{i}] is {t.dtype} on {t.device} but linears[0] is {w0.dtype} on "
+                        f"{w0.device}; move all Linears to one dtype and device"
+                    )
         self.linears = nn.ModuleList(linears)
         self.acts = nn.ModuleList(
             a if isinstance(a, nn.Identity) else
@@ -270,7 +341,7 @@ class LCChain(nn.Module):
         return self.linears[-1].out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_features, "LCChain")
+        check_input(x, self.in_features, "LCChain", self.linears[0].weight)
         last = len(self.linears) - 1
         skips = self._modules.get("skips")
         block_in = x
@@ -283,12 +354,12 @@ class LCChain(nn.Module):
                 # in-place epilogue on CPU, plain aten ops under torch.export).
                 act = self.acts[i]
                 alpha, base = (act.alpha, act.base) if isinstance(act, CollapsibleActivation) else (None, "identity")
-                x = ops.fused_linear(x, lin.weight, lin.bias, alpha, base)
+                x = linear_act(x, lin.weight, lin.bias, alpha, base)
             else:
                 if closes_block:  # the skip joins before the next joint's activation
                     x = _skip_plus(block_in, skips[str(i - 1)], x, lin)
                 else:
-                    x = ops.fused_linear(x, lin.weight, lin.bias)
+                    x = linear_act(x, lin.weight, lin.bias)
                 if i < last:
                     x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
         return x

@@ -7,17 +7,25 @@ Registration, Triton launcher, CPU kernel, autograd and the Python entry point o
 * CPU eager: ``F.linear`` plus the in-place epilogue ``reference.collapsible_activation_``; with
   ``LC_KERNELS_FORCE_TRITON=1`` (and ``TRITON_INTERPRET=1``) the Triton kernel through Triton's
   interpreter instead.
+* Nothing to fuse (identity activation): ``F.linear`` (cuBLAS on CUDA) on every path but the
+  forced interpreter.
+* Eager CPU with nothing requiring grad (``no_grad``, ``inference_mode``, frozen weights): the
+  CPU kernel's arithmetic is called directly, with no custom-op dispatch and no autograd context.
+
+:func:`fused_linear` is the public, checked entry; :func:`linear_act` is the same call without the
+operand checks, for the modules in ``nn/``, whose weights were checked when the module was built
+and whose forward checks the input.
 * ``torch.compile``: the op decomposes into its body (see :mod:`.launch`), so Inductor sees the
   Triton kernel on CUDA and the reference's aten ops elsewhere, which it fuses into its loops.
 """
-from typing import Any, Optional, Sequence
+import ctypes
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.library import wrap_triton
 
-from . import launch, reference
-from .dispatch import use_triton
+from . import dispatch, launch, reference
 from .validate import check_operands, check_raw_input, rows
 
 
@@ -70,9 +78,10 @@ def _body(
     # Also the fake kernel and, under torch.compile, the decomposition: off the Triton path the
     # reference's aten ops are what Inductor sees and fuses.
     check_raw_input("fused_linear", x)
-    if use_triton(x):
-        return _triton(x, weight, bias, alpha, act)
-    return reference.fused_linear(x, weight, bias, alpha, act)
+    path = dispatch.kernel_path(x)
+    if path == dispatch.ATEN or (act == "identity" and dispatch.plain_gemm_to_aten(path)):
+        return reference.fused_linear(x, weight, bias, alpha, act)
+    return _triton(x, weight, bias, alpha, act)
 
 
 op = launch.define_op("lc_kernels::fused_linear", _body)
@@ -95,9 +104,10 @@ def _cpu(
     act: str,
 ) -> torch.Tensor:
     check_raw_input("fused_linear", x)
-    if use_triton(x):
-        return _triton(x, weight, bias, alpha, act)
-    return cpu_linear_act(x, weight, bias, alpha, act)
+    path = dispatch.kernel_path(x)
+    if path == dispatch.ATEN or (act == "identity" and dispatch.plain_gemm_to_aten(path)):
+        return cpu_linear_act(x, weight, bias, alpha, act)
+    return _triton(x, weight, bias, alpha, act)
 
 
 def linear_act_backward(
@@ -146,6 +156,107 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
 op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` records autograd history: grad mode is on and one requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def alpha_is_zero(alpha: torch.Tensor) -> bool:
+    """Whether every slope is +0.0 (``sigma_alpha`` is its base activation), read from memory.
+
+    Reads the bytes on every call, so writes that skip autograd's version counter
+    (``alpha.data.fill_(1)``) are seen; no aten call (``bool((alpha == 0).all())`` is two, and a
+    host sync on CUDA; a numpy view's ``any()`` between the GEMMs measured several times slower).
+    Contiguous plain CPU tensors only: anything else (and -0.0) answers False, and the general
+    formula runs.
+    """
+    cls = type(alpha)
+    if (cls is not torch.nn.Parameter and cls is not torch.Tensor) or not alpha.is_cpu or not alpha.is_contiguous():
+        return False
+    try:
+        ptr = alpha.data_ptr()
+    except RuntimeError:  # no storage to read (fake, functional, meta-like tensors)
+        return False
+    n = alpha.numel() * alpha.element_size()
+    return ptr != 0 and n != 0 and ctypes.string_at(ptr, n) == bytes(n)
+
+
+# base(z) in place through the bindings nn.ReLU / nn.GELU / nn.SiLU themselves call: one aten call
+# each, as in nn.Sequential. ``torch.ops.aten.gelu.out(z, out=z)`` (the reference's form) is the
+# same kernel behind the OpOverload Python layer, which measured as costly as a 32-wide GELU.
+_BASE_INPLACE: dict[str, Callable[[torch.Tensor], Any]] = {
+    "identity": lambda z: z,
+    "relu": torch.relu_,
+    "gelu": torch._C._nn.gelu_,
+    "gelu_tanh": lambda z: torch._C._nn.gelu_(z, approximate="tanh"),
+    "silu": torch._C._nn.silu_,
+}
+
+
+_BASE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": torch._C._nn.gelu,
+    "gelu_tanh": lambda z: torch._C._nn.gelu(z, approximate="tanh"),
+    "silu": torch._C._nn.silu,
+}
+
+
+def linear_act_nograd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str
+) -> torch.Tensor:
+    """The CPU kernel's arithmetic on ``(..., K)`` inputs, for calls that record no autograd history.
+
+    At alpha = 0 the base activation runs in place on the GEMM's output: the same aten calls as
+    ``nn.Sequential(Linear, act)``, no pass for the slope.
+    """
+    z = F.linear(x, weight, bias)
+    if alpha is None or act == "identity" or alpha_is_zero(alpha):
+        _BASE_INPLACE[act](z)
+        return z
+    if act != "relu" and z.numel() <= reference._BLOCK_ELEMS:
+        # One block of the reference's loop, in two aten calls instead of its seven (scratch,
+        # slices, cast, 1 - alpha): base(z) + alpha * (z - base(z)) is lerp with weight alpha.
+        return _BASE[act](z).lerp_(z, alpha if alpha.dtype == z.dtype else alpha.to(z.dtype))
+    if z.dim() == 2:
+        return reference.collapsible_activation_(z, act, alpha)
+    return reference.collapsible_activation_(rows(z), act, alpha).view(z.shape)
+
+
+def _op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+        act: str) -> torch.Tensor:
+    y = torch.ops.lc_kernels.fused_linear(rows(x), weight, bias, alpha, act)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    alpha: Optional[torch.Tensor] = None,
+    act: str = "identity",
+) -> torch.Tensor:
+    """:func:`fused_linear` without the operand checks: for callers that checked them already.
+
+    The modules in ``nn/`` call this: their weights were checked when the module was built and
+    their forward checks ``x`` (width, dtype, device), so the op's ~30 checks per call (~15 µs,
+    a tenth of a 16-token MLP on CPU) would only repeat them.
+    """
+    if torch.compiler.is_exporting():
+        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
+        # nor a translation for its ops (torch.compile still sees the op and its kernels).
+        return reference.fused_linear(x, weight, bias, alpha, act)
+    if torch.compiler.is_compiling():
+        # The op's decomposition picks the path while AOTAutograd traces (see launch.py).
+        return _op(x, weight, bias, alpha, act)
+    path = dispatch.kernel_path(x)
+    if act == "identity" and dispatch.plain_gemm_to_aten(path):
+        # Nothing to fuse: F.linear (cuBLAS on CUDA) without the custom-op dispatch, which at
+        # 16 rows on CPU costs a quarter of the GEMM's time.
+        return F.linear(x, weight, bias)
+    if path == dispatch.ATEN and not needs_autograd(x, weight, bias, alpha):
+        return linear_act_nograd(x, weight, bias, alpha, act)
+    return _op(x, weight, bias, alpha, act)
+
+
 def fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -170,13 +281,4 @@ def fused_linear(
         TypeError, ValueError: on operands that do not fit, saying what to change.
     """
     check_operands("fused_linear", x, [("weight", weight, "bias", bias)], alpha, act)
-    if torch.compiler.is_exporting():
-        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
-        # nor a translation for its ops (torch.compile still sees the op and its kernels).
-        return reference.fused_linear(x, weight, bias, alpha, act)
-    if alpha is None and act == "identity" and not use_triton(x):
-        # Nothing to fuse: the op's kernel would call F.linear. Calling it here skips the
-        # custom-op dispatch, which at 16 rows on CPU costs a quarter of the GEMM's time.
-        return F.linear(x, weight, bias)
-    y = torch.ops.lc_kernels.fused_linear(rows(x), weight, bias, alpha, act)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return linear_act(x, weight, bias, alpha, act)

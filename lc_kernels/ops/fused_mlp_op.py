@@ -2,7 +2,8 @@
 
 Registration, Triton launcher, CPU kernel, autograd and the Python entry point of one op (paths
 as for :mod:`.fused_linear_op`). On CUDA the hidden activation stays on chip;
-:func:`~.dispatch.prefer_fused_mlp` says where that beats two ``fused_linear`` calls.
+:func:`~.dispatch.prefer_fused_mlp` says where that beats two ``fused_linear`` calls, and
+:func:`mlp_act` (the modules' unchecked entry) follows it.
 """
 from typing import Any, Optional
 
@@ -10,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import wrap_triton
 
-from . import launch, reference
-from .dispatch import use_triton
-from .fused_linear_op import cpu_linear_act, linear_act_backward
+from . import dispatch, launch, reference
+from .fused_linear_op import cpu_linear_act, linear_act, linear_act_backward, linear_act_nograd, needs_autograd
 from .validate import check_operands, check_raw_input, rows
 
 
@@ -68,7 +68,7 @@ def _body(
     b2: Optional[torch.Tensor],
 ) -> torch.Tensor:
     check_raw_input("fused_mlp", x)
-    if use_triton(x):
+    if dispatch.use_triton(x):
         return _triton(x, w1, b1, alpha, act, w2, b2)
     return reference.fused_mlp(x, w1, b1, alpha, act, w2, b2)
 
@@ -87,7 +87,7 @@ def _cpu(
     b2: Optional[torch.Tensor],
 ) -> torch.Tensor:
     check_raw_input("fused_mlp", x)
-    if use_triton(x):
+    if dispatch.use_triton(x):
         return _triton(x, w1, b1, alpha, act, w2, b2)
     return F.linear(cpu_linear_act(x, w1, b1, alpha, act), w2, b2)
 
@@ -115,6 +115,49 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
 op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str,
+        w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
+    y = torch.ops.lc_kernels.fused_mlp(rows(x), w1, b1, alpha, act, w2, b2)
+    return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
+def _run(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str,
+         w2: torch.Tensor, b2: Optional[torch.Tensor], choose_plan: bool) -> torch.Tensor:
+    if torch.compiler.is_exporting():
+        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
+        # nor a translation for its ops (torch.compile still sees the op and its kernels).
+        return reference.fused_mlp(x, w1, b1, alpha, act, w2, b2)
+    if choose_plan and x.is_cuda:
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not dispatch.prefer_fused_mlp(m, w1.shape[1], w1.shape[0], w2.shape[0], x.device):
+            return linear_act(linear_act(x, w1, b1, alpha, act), w2, b2)
+    if torch.compiler.is_compiling():
+        return _op(x, w1, b1, alpha, act, w2, b2)
+    if not dispatch.use_triton(x) and not needs_autograd(x, w1, b1, alpha, w2, b2):
+        # Inference on CPU: the CPU kernel's arithmetic, no custom-op dispatch, nothing saved.
+        return F.linear(linear_act_nograd(x, w1, b1, alpha, act), w2, b2)
+    # The fused Triton kernel, or with autograd one node that saves x (not the hidden tensor)
+    # and recomputes the hidden tensor backward.
+    return _op(x, w1, b1, alpha, act, w2, b2)
+
+
+def mlp_act(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    act: str,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The pair ``sigma_alpha(x @ w1.T + b1) @ w2.T + b2`` without operand checks, for the modules.
+
+    Callers checked the operands already (``nn/`` modules: weights when built, ``x`` in forward).
+    On CUDA :func:`~.dispatch.prefer_fused_mlp` chooses between the fused kernel and two GEMMs.
+    """
+    return _run(x, w1, b1, alpha, act, w2, b2, True)
+
+
 def fused_mlp(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -134,9 +177,4 @@ def fused_mlp(
         TypeError, ValueError: on operands that do not fit, saying what to change.
     """
     check_operands("fused_mlp", x, [("w1", w1, "b1", b1), ("w2", w2, "b2", b2)], alpha, act)
-    if torch.compiler.is_exporting():
-        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
-        # nor a translation for its ops (torch.compile still sees the op and its kernels).
-        return reference.fused_mlp(x, w1, b1, alpha, act, w2, b2)
-    y = torch.ops.lc_kernels.fused_mlp(rows(x), w1, b1, alpha, act, w2, b2)
-    return y.reshape(*x.shape[:-1], w2.shape[0])
+    return _run(x, w1, b1, alpha, act, w2, b2, False)
