@@ -7,7 +7,8 @@ from .nn import CollapsibleActivation, LCChain, LCFusedMLP, LCGatedMLP  # noqa: 
 from .planning import CollapsePlan, JointPlan, SitePlan, plan_collapse  # noqa: E402
 from .speedup import SpeedupReport, speedup  # noqa: E402
 from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
-from .transforms import collapse_, load_collapsed, prepare_, save_collapsed, strip_  # noqa: E402
+from .transforms import (collapse_, load_collapsed, load_pretrained, prepare_, save_collapsed,  # noqa: E402
+                         save_pretrained, strip_)
 
 __all__ = [
     "__version__",
@@ -27,6 +28,8 @@ __all__ = [
     "collapse_",
     "save_collapsed",
     "load_collapsed",
+    "save_pretrained",
+    "load_pretrained",
     "strip_",
     "compress",
     "CompressReport",

@@ -12,6 +12,11 @@ What a site becomes:
   ``nn.Linear`` modules and its forward is generated Python calling only torch, so it pickles,
   ``torch.save``s and loads with torch alone.
 
+A gated FFN (:class:`LCGatedMLP`): LINEAR is its skip ``nn.Linear`` (low rank:
+``nn.Sequential(skip_in, skip)``); an uncollapsed block ``down_proj(act(gate_proj x) * up_proj x)``
+(packed: ``gate_up_proj x`` split in halves) and PARTIAL, the same over the kept channels plus
+``skip(x)``, are traced GraphModules holding the same Linears.
+
 Outputs are unchanged up to rounding (the same weights, computed by ``F.linear`` and torch's
 activations instead of the fused ops).
 """
@@ -22,7 +27,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.activation import CollapsibleActivation
+from ..nn.gated import LCGatedMLP
 from ..nn.mlp import LCChain, LCFusedMLP
+
+SITES = (LCFusedMLP, LCChain, LCGatedMLP)
 
 _BASES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -96,6 +104,33 @@ class _Chain(nn.Module):
         return x
 
 
+class _Gated(nn.Module):
+    """``down(act(gate x) * up x)`` (+ ``skip(x)`` once PARTIAL), gate and up as one packed Linear or two."""
+
+    def __init__(self, m: LCGatedMLP, skip: nn.Module | None):
+        super().__init__()
+        self.packed = m.packed
+        if m.packed:
+            self.gate_up_proj = m.gate_up_proj
+        else:
+            self.gate_proj, self.up_proj = m.gate_proj, m.up_proj
+        self.act, self.down_proj, self.skip = plain_activation(m.act), m.down_proj, skip
+
+    def forward(self, x):
+        if self.packed:
+            halves = self.gate_up_proj(x).chunk(2, dim=-1)  # gate rows first
+            gate, up = halves[0], halves[1]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        y = self.down_proj(self.act(gate) * up)
+        return y if self.skip is None else y + self.skip(x)
+
+
+def _gated_skip(m: LCGatedMLP) -> nn.Module:
+    s_in = m._modules.get("skip_in")
+    return m.skip if s_in is None else nn.Sequential(s_in, m.skip)
+
+
 def _joint(x, act, norm, pre, drop):
     if pre:
         x = norm(x)
@@ -121,6 +156,10 @@ def _sequence(linears, acts, norms, pres, drops) -> list[nn.Module]:
 
 def plain_site(m: nn.Module) -> nn.Module:
     """The plain-PyTorch module computing what the site ``m`` computes."""
+    if isinstance(m, LCGatedMLP):
+        if m.form == "linear":
+            return _gated_skip(m)
+        return fx.symbolic_trace(_Gated(m, _gated_skip(m) if m.form == "partial" else None))
     if isinstance(m, LCFusedMLP):
         if m.form == "merged":
             return m.fc
@@ -135,7 +174,7 @@ def plain_site(m: nn.Module) -> nn.Module:
 
 
 def strip_(model: nn.Module) -> nn.Module:
-    """Replace every LCFusedMLP / LCChain of ``model`` by plain PyTorch modules, in place.
+    """Replace every LCFusedMLP / LCChain / LCGatedMLP of ``model`` by plain PyTorch modules, in place.
 
     Afterwards the model holds only torch modules (``nn.Linear``, ``nn.Sequential``, standard
     activations, and ``torch.fx.GraphModule`` where no standard module computes a site), so it
@@ -144,13 +183,13 @@ def strip_(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"strip_ expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (LCFusedMLP, LCChain)):
-        raise ValueError("the model is itself an LCFusedMLP / LCChain and cannot be replaced in place; use "
+    if isinstance(model, SITES):
+        raise ValueError(f"the model is itself an {type(model).__name__} and cannot be replaced in place; use "
                          "lc_kernels.transforms.strip.plain_site(model), which returns the plain module")
     swaps = []
     for path, m in model.named_modules():
         for name, child in m.named_children():
-            if isinstance(child, (LCFusedMLP, LCChain)):
+            if isinstance(child, SITES):
                 swaps.append((m, name, plain_site(child)))
     for parent, name, new in swaps:
         new.train(parent._modules[name].training)
