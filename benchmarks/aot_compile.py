@@ -12,8 +12,9 @@ needs a driver. That checks, per case, on ``sm_80`` (A100) and ``sm_90`` (H100):
   16-bit and TF32 ``tl.dot`` must use them; IEEE fp32 runs on FMA units and has none.
 
 Kernels are the raw ``@triton.jit`` functions of ``lc_kernels.kernels.fused_linear`` /
-``fused_mlp`` (``ops`` only wraps them in ``triton.autotune``). Arguments are taken from the
-kernel definition: ``*_ptr`` parameters are pointers, ``tl.constexpr`` parameters are
+``fused_mlp`` / ``fused_gated_linear`` (``ops`` only wraps them in ``triton.autotune``).
+Arguments are taken from the kernel definition: ``*_ptr`` parameters are pointers,
+``tl.constexpr`` parameters are
 constexprs, the rest (sizes, strides) integers, specialized the way ``JITFunction.run`` would
 specialize them for a launch on contiguous tensors (``SPECS``): an integer equal to 1 becomes
 the constexpr 1, pointers and integers divisible by 16 get ``tt.divisibility=16``. Without
@@ -58,12 +59,14 @@ ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 KERNELS = {
     "fused_linear": ("lc_kernels.kernels.fused_linear", "fused_linear_kernel"),
     "fused_mlp": ("lc_kernels.kernels.fused_mlp", "fused_mlp_kernel"),
+    "fused_gated_linear": ("lc_kernels.kernels.fused_gated_linear", "fused_gated_linear_kernel"),
 }
 
 # Boolean flags of each kernel: case key -> kernel constexpr.
 BOOL_FLAGS = {
     "fused_linear": {"has_bias": "HAS_BIAS", "has_alpha": "HAS_ALPHA"},
     "fused_mlp": {"has_b1": "HAS_B1", "has_alpha": "HAS_ALPHA", "has_b2": "HAS_B2"},
+    "fused_gated_linear": {"has_bias": "HAS_BIAS", "has_alpha": "HAS_ALPHA"},
 }
 
 # Integer arguments of a representative launch (contiguous row-major operands, per-channel
@@ -85,6 +88,13 @@ def _int_args(kernel_name: str, spec: str) -> dict[str, int]:
     if kernel_name == "fused_linear":
         return {
             "M": m, "N": n, "K": k, "M_BUCKET": bucket,
+            "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1,
+            "stride_b": 1, "stride_alpha": 1, "stride_ym": n, "stride_yn": 1,
+        }
+    if kernel_name == "fused_gated_linear":
+        # H = N gate channels: w is (2N, K), the output (M, N).
+        return {
+            "M": m, "H": n, "K": k, "M_BUCKET": bucket,
             "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_wk": 1,
             "stride_b": 1, "stride_alpha": 1, "stride_ym": n, "stride_yn": 1,
         }
@@ -153,7 +163,7 @@ def _case(kernel, arch, dtype, act, flags, config, spec="aligned") -> dict[str, 
 
 # The config the dtype x activation x flags sweep compiles at: a mid-size tile that gets wgmma
 # on sm_90 (BLOCK_M >= 64) and compiles quickly.
-SWEEP_CONFIG = {"fused_linear": 4, "fused_mlp": 3}  # index into CONFIGS
+SWEEP_CONFIG = {"fused_linear": 4, "fused_mlp": 3, "fused_gated_linear": 4}  # index into CONFIGS
 
 # What the config sweep compiles each config at, chosen from the full cross product (Triton
 # 3.8): bf16 with exact GELU and every flag (the largest epilogue: most registers), and fp32 in
@@ -400,7 +410,7 @@ def _compile_case_dict(c: dict[str, Any]) -> dict[str, Any]:
 
 def _cost(c: dict[str, Any]) -> float:
     """Rough relative compile time of a case (measured on 2 CPU cores, Triton 3.8)."""
-    cost = 2.0 if c["kernel"] == "fused_mlp" else 1.0
+    cost = 2.0 if c["kernel"] in ("fused_mlp", "fused_gated_linear") else 1.0  # two dots per K step
     if c["flags"].get("input_precision") == "ieee":
         cost *= 2.5
     blocks = [v for k, v in c["config"].items() if k.startswith("BLOCK_")]

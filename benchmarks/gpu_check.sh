@@ -4,7 +4,8 @@
 # On a machine with an NVIDIA GPU: installs what it needs (keeping the machine's torch), runs the
 # kernel / op / compile tests natively (no interpreter), benchmarks the transformer MLP shapes in
 # bf16 and fp16 against eager and torch.compile (default and max-autotune), measures the
-# constants prefer_fused_mlp assumes (matmul peak, bandwidth, launch cost), compiles every kernel
+# constants prefer_fused_mlp assumes (matmul peak, bandwidth, launch cost), checks and times the
+# gated op (fused_gated_linear) against two Linears at Llama shapes, compiles every kernel
 # config ahead of time for the device's architecture, and writes it all to
 # benchmarks/results/<device>-<date>.{md,json}. It checks its own elapsed time and skips a step
 # that would run past the budget (LC_GPU_BUDGET_S, default 480 s).
@@ -59,7 +60,10 @@ if [ "$DRY" = 0 ]; then
     # Keep the machine's torch (and its triton): install the package and test tools beside it.
     install() { $PY -m pip install -q --no-deps -e . && $PY -m pip install -q pytest pytest-benchmark safetensors numpy; }
     step install 120 install
-    step tests-native 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops.py tests/test_compile.py
+    step tests-native 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops.py tests/test_compile.py \
+        tests/test_gated_op.py
+    # Before the long MLP benchmarks, so the default budget still reaches the newest kernel.
+    step gated 120 $PY benchmarks/gated_check.py --json "$OUT-gated.json" --markdown "$OUT-gated.md"
     step bench-eager-compile 150 $PY -m lc_kernels.cli bench --dtype bfloat16 float16 \
         --shapes vit_small vit_base gpt2_medium bottleneck deep_chain vit_tiny_encoder \
         --json "$OUT-bench.json" --markdown "$OUT-bench.md"
@@ -73,6 +77,8 @@ else
     step bench-cpu 120 $PY -m lc_kernels.cli bench --quick --shapes vit_tiny --no-compile --repeats 2 \
         --json "$OUT-bench.json" --markdown "$OUT-bench.md"
     step constants-cpu 30 $PY benchmarks/gpu_constants.py --quick --json "$OUT-constants.json"
+    step gated-cpu 60 $PY benchmarks/gated_check.py --quick --no-compile --json "$OUT-gated.json" \
+        --markdown "$OUT-gated.md"
     if [ -f benchmarks/aot_compile.py ]; then
         step aot-compile-cpu 120 $PY benchmarks/aot_compile.py --arch 90 --json "$OUT-aot.json" --md "$OUT-aot.md"
     fi
@@ -86,7 +92,7 @@ print(f'torch {torch.__version__}, triton', __import__('triton').__version__ if 
     echo
     for s in "${STATUS[@]}"; do echo "- $s"; done
     echo
-    for f in "$OUT-constants.json" "$OUT-bench.md" "$OUT-autotune.md" "$OUT-aot.md"; do
+    for f in "$OUT-constants.json" "$OUT-bench.md" "$OUT-autotune.md" "$OUT-gated.md" "$OUT-aot.md"; do
         [ -f "$f" ] && { echo "## $(basename "$f")"; echo; cat "$f"; echo; }
     done
 } > "$OUT.md"
@@ -94,7 +100,7 @@ $PY - "$OUT" "${STATUS[@]}" <<'PYEOF'
 import json, sys
 out, status = sys.argv[1], sys.argv[2:]
 parts = {}
-for suffix in ("constants", "bench", "autotune", "aot"):
+for suffix in ("constants", "bench", "autotune", "gated", "aot"):
     try:
         with open(f"{out}-{suffix}.json") as f:
             parts[suffix] = json.load(f)

@@ -7,16 +7,17 @@ every dtype x activation x flag combination compiles, fits the target's shared m
 ``mma.sync`` otherwise) while IEEE fp32 does not. The cases and the compile live in
 ``benchmarks/aot_compile.py`` (also a CLI: ``python benchmarks/aot_compile.py --full``).
 
-Case set (CI, ~290 compiles): on sm_80 and sm_90 every autotune config of both kernels twice
+Case set (CI, ~390 compiles): on sm_80 and sm_90 every autotune config of each kernel
+(``fused_linear``, ``fused_mlp``, ``fused_gated_linear``) twice
 (``aot_compile.CONFIG_SWEEP``: bf16 with GELU and every flag, the most registers; fp32/TF32
 with no epilogue, the most shared memory), and at one config (``SWEEP_CONFIG``) every dtype x
 activation x flag combination on sm_90 but only every dtype x precision on sm_80: the epilogue
 is the same code on both targets, and the sweep on sm_80 too took the test from ~2.5 to ~4.3
-min. Cost: ~175 CPU-seconds with a cold Triton cache, i.e. ~1.5 min on 2 idle cores (2.5 min
-measured on a loaded 2-core machine); ~5 s with a warm cache. ``LC_KERNELS_AOT_FULL=1``: the
-full config x dtype x activation x flags cross product on both targets instead (3,456
-compiles, ~37 CPU-minutes; ``python benchmarks/aot_compile.py --full`` is the same as a
-table).
+min. Cost: ~300 CPU-seconds with a cold Triton cache (~175 for the first two kernels, ~125 for
+the 105 gated cases), i.e. ~2.5 min on 2 idle cores; ~5 s with a warm cache.
+``LC_KERNELS_AOT_FULL=1``: the full config x dtype x activation x flags cross product on both
+targets instead (4,536 compiles, of them 1,152 gated; ~50 CPU-minutes; ``python
+benchmarks/aot_compile.py --full`` is the same as a table).
 
 The compiles run in spawned worker processes with ``TRITON_INTERPRET`` removed: under
 ``tests/conftest.py``'s ``TRITON_INTERPRET=1`` the ``@triton.jit`` kernels imported in this

@@ -290,6 +290,25 @@ def test_compile_fullgraph_matches_eager():
             assert rel_err(got, ref) <= 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton path under torch.compile needs CUDA")
+def test_compile_fullgraph_on_cuda_matches_eager():
+    """On CUDA the decomposed op is the Triton kernel through wrap_triton, inside one graph."""
+    x, w, b, a = _operands(37, 64, 48, torch.float32, device="cuda")
+    params = [t.requires_grad_() for t in (w, b, a)]
+
+    def f(x):
+        return fused_gated_linear(x, w, b, "gelu", a)
+
+    compiled = torch.compile(f, fullgraph=True)
+    x.requires_grad_()
+    g = torch.randn(37, 48, device="cuda")
+    y, want = compiled(x), f(x)
+    assert rel_err(y, want) <= 1e-5
+    for got, ref in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(want, [x, *params], g)):
+        assert rel_err(got, ref) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 
