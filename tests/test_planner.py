@@ -266,18 +266,29 @@ def test_budget_ignores_tol():
     assert not find_sites(model)
 
 
-@pytest.mark.parametrize("t", [0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_target_is_met_with_least_error(t):
+    """target = the fraction of the collapsible sites' dense FLOPs to remove."""
     model = three_site_model()
     x = torch.randn(200, 8, dtype=torch.float64)
-    total = lc.plan_collapse(model, force=True)
-    collapsible = total.flops_before - total.flops_after
     plan = lc.plan_collapse(model, fit=False, calib=x, target=t)
     greedy = lc.plan_collapse(model, fit=False, calib=x, target=t, search="greedy")
     for p in (plan, greedy):
-        assert p.flops_before - p.flops_after >= t * collapsible
+        assert p.flops_before - p.flops_after >= t * p.flops_before
         assert abs(p.measured_error - collapsed_error(model, p, x)) <= 1e-4 * max(p.measured_error, 1e-12)
     assert plan.measured_error <= greedy.measured_error + 1e-15
+
+
+def test_target_beyond_what_collapsing_everything_removes_is_refused():
+    model = three_site_model()
+    x = torch.randn(200, 8, dtype=torch.float64)
+    everything = lc.plan_collapse(model, force=True)
+    most = 1 - everything.flops_after / everything.flops_before
+    assert most < 1.0
+    with pytest.raises(ValueError, match=f"removes at most {most:.1%}"):
+        lc.plan_collapse(model, fit=False, calib=x, target=1.0)
+    plan = lc.plan_collapse(model, fit=False, calib=x, target=most)
+    assert plan.flops_after == everything.flops_after
 
 
 def test_chain_budget_and_greedy_never_beat_exhaustive():
@@ -386,8 +397,8 @@ def test_budget_needs_calib_and_feasible_bounds():
     with pytest.raises(ValueError, match="measured on calibration data: pass calib="):
         lc.plan_collapse(three_site_model(), max_error=0.1)
     x = torch.randn(50, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"no plan meets max_error 1e-06 and target 1"):
-        lc.plan_collapse(three_site_model(), calib=x, max_error=1e-6, target=1.0)
+    with pytest.raises(ValueError, match=r"no plan meets max_error 1e-06 and target 0.9"):
+        lc.plan_collapse(three_site_model(), calib=x, max_error=1e-6, target=0.9)
     narrow = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16)).double()
     lc.prepare_(narrow)
     with pytest.raises(ValueError, match="target 0.5 cannot be met: no site's collapse saves flops"):

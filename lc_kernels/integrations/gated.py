@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.activation import CollapsibleActivation
+from ..nn.convert import to_collapsible
 from ..nn.gated import LCGatedMLP
 from ..nn.mlp import LCChain, LCFusedMLP
 from .common import collapsible_act
@@ -58,11 +59,8 @@ def _base_of(act: object) -> str:
     spec = collapsible_act(act)
     if isinstance(spec, str):
         return spec
-    c = CollapsibleActivation  # torch modules: to_collapsible decides
-    from ..nn.convert import to_collapsible
-
-    m = to_collapsible(spec, 1)
-    if not isinstance(m, c) or bool((m.alpha != 0).any()):
+    m = to_collapsible(spec, 1)  # torch modules: to_collapsible decides
+    if not isinstance(m, CollapsibleActivation) or bool((m.alpha != 0).any()):
         raise TypeError(f"{type(act).__name__} is not a plain activation (it has a slope)")
     return m.base
 

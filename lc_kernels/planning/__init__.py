@@ -52,7 +52,9 @@ def plan_collapse(
     the model-output error of the whole plan. ``max_error=e`` chooses, over joints (per-channel
     two-Linear sites also over PARTIAL widths), the set saving the most ``objective`` with
     measured model-output error ``||dy|| / ||y|| <= e``; ``target=t`` in (0, 1] the set with the
-    least measured error that removes at least ``t`` of what collapsing everything would. Given
+    least measured error that removes at least ``t`` of the collapsible sites' dense cost (FLOPs, or
+    measured time with ``objective="latency"``); a target beyond what collapsing every site removes
+    is refused with the maximum. Given
     both, the target plan must also meet ``e``. ``search="auto"`` is exhaustive up to
     ``budget.MAX_EXHAUSTIVE`` combinations and greedy above; the notes say which ran. ``tol``
     does not block a site under a budget. The model is run in eval mode under

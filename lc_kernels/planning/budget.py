@@ -218,14 +218,21 @@ def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=No
                         else _units(cal, tol, objective))
     s = Search(cal, units, objective)
     total = s.saving(s.full)
+    # target is a fraction of the collapsible sites' dense cost (FLOPs, or measured time), the same
+    # meaning in the planner, compress, the CLI and every report.
+    dense = sum(site_cost(sm.site, [[] for _ in sm.site.acts], objective) for sm in cal.sites)
     if target is not None and total == 0:
         raise ValueError(f"target {target:g} cannot be met: no site's collapse saves {_name(objective)} under the cost model")
+    if target is not None and target * dense > total * (1 + 1e-9):
+        raise ValueError(f"target {target:g} asks to remove {target:.0%} of the collapsible sites' {_name(objective)}, "
+                         f"but collapsing every site removes at most {total / dense:.1%}; lower target (or use "
+                         "max_error=)")
     n = s.n_combinations()
     if search == "exhaustive" and n > MAX_EXHAUSTIVE:
         raise ValueError(f"exhaustive search over {n} combinations exceeds {MAX_EXHAUSTIVE} forward passes; "
                          "use search='greedy' (or 'auto')")
     used = "exhaustive" if search == "exhaustive" or (search == "auto" and n <= MAX_EXHAUSTIVE) else "greedy"
-    need = None if target is None else target * total
+    need = None if target is None else min(target * dense, total)
     combo = (s.exhaustive if used == "exhaustive" else s.greedy)(need, max_error)
     err = s.error(combo)
     if target is not None and max_error is not None and err > max_error:
@@ -249,10 +256,11 @@ def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=No
     plan.notes += [
         f"search: {used} over {len(units)} candidate joints ({n} combinations, {cal.passes} forward passes"
         + (f"; exhaustive up to {MAX_EXHAUSTIVE})" if used == "greedy" else ")"),
-        (f"removes {saved / total if total else 0:.1%} of the collapsible {opts.objective} ({saved} of {total} per "
-         "token); " if isinstance(objective, str) else
-         f"removes {saved / total if total else 0:.1%} of the collapsible sites' measured time "
-         f"({1e3 * saved:.3f} of {1e3 * total:.3f} ms per call); ") + "tol does not block a site under a budget",
+        (f"removes {saved / dense if dense else 0:.1%} of the collapsible sites' {opts.objective} ({saved} of {dense} "
+         f"per token; collapsing everything would remove {total / dense if dense else 0:.1%}); "
+         if isinstance(objective, str) else
+         f"removes {saved / dense if dense else 0:.1%} of the collapsible sites' measured time "
+         f"({1e3 * saved:.3f} of {1e3 * dense:.3f} ms per call); ") + "tol does not block a site under a budget",
     ]
     return plan
 
