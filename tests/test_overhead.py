@@ -91,7 +91,8 @@ def test_inference_builds_no_graph_and_saves_nothing(form, mode):
     assert out.grad_fn is None
     assert packs == []
     assert not [op for op in log.ops if op.startswith("lc_kernels.")], "the autograd-wrapped op ran"
-    torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=1e-6)
+    # Bitwise: self-distillation's teacher runs without grad, its student with, from zero loss.
+    assert torch.equal(out, ref.detach())
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])

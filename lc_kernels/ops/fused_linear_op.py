@@ -87,12 +87,66 @@ def _body(
 op = launch.define_op("lc_kernels::fused_linear", _body)
 
 
+def alpha_is_zero(alpha: torch.Tensor) -> bool:
+    """Whether every slope is +0.0 (``sigma_alpha`` is its base activation), read from memory.
+
+    Reads the bytes on every call, so writes that skip autograd's version counter
+    (``alpha.data.fill_(1)``) are seen; no aten call (``bool((alpha == 0).all())`` is two, and a
+    host sync on CUDA; a numpy view's ``any()`` between the GEMMs measured several times slower).
+    Contiguous plain CPU tensors only: anything else (and -0.0) answers False, and the general
+    formula runs.
+    """
+    cls = type(alpha)
+    if (cls is not torch.nn.Parameter and cls is not torch.Tensor) or not alpha.is_cpu or not alpha.is_contiguous():
+        return False
+    try:
+        ptr = alpha.data_ptr()
+    except RuntimeError:  # no storage to read (fake, functional, meta-like tensors)
+        return False
+    n = alpha.numel() * alpha.element_size()
+    return ptr != 0 and n != 0 and ctypes.string_at(ptr, n) == bytes(n)
+
+
+# base(z) in place through the bindings nn.ReLU / nn.GELU / nn.SiLU themselves call: one aten call
+# each, as in nn.Sequential. ``torch.ops.aten.gelu.out(z, out=z)`` (the reference's form) is the
+# same kernel behind the OpOverload Python layer, which measured as costly as a 32-wide GELU.
+_BASE_INPLACE: dict[str, Callable[[torch.Tensor], Any]] = {
+    "identity": lambda z: z,
+    "relu": torch.relu_,
+    "gelu": torch._C._nn.gelu_,
+    "gelu_tanh": lambda z: torch._C._nn.gelu_(z, approximate="tanh"),
+    "silu": torch._C._nn.silu_,
+}
+
+
+_BASE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": torch._C._nn.gelu,
+    "gelu_tanh": lambda z: torch._C._nn.gelu(z, approximate="tanh"),
+    "silu": torch._C._nn.silu,
+}
+
+
 def cpu_linear_act(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str
 ) -> torch.Tensor:
-    """The CPU kernel's arithmetic: in place on F.linear's fresh output, so the epilogue makes no
-    pass over (M, N) memory that ``nn.Sequential(Linear, act)`` does not."""
-    return reference.collapsible_activation_(F.linear(x, weight, bias), act, alpha)
+    """The CPU arithmetic, on ``(..., K)`` inputs: the op's CPU kernel and the no-autograd path.
+
+    One function for both, so a forward gives bitwise the same result with and without grad
+    (self-distillation's teacher runs without, its student with, and starts at zero loss). The
+    epilogue works in place on F.linear's fresh output, so it makes no pass over (M, N) memory
+    that ``nn.Sequential(Linear, act)`` does not; at alpha = 0 it makes the same aten calls.
+    """
+    z = F.linear(x, weight, bias)
+    if alpha is None or act == "identity" or alpha_is_zero(alpha):
+        _BASE_INPLACE[act](z)
+        return z
+    if act != "relu" and z.numel() <= reference._BLOCK_ELEMS:
+        # One block of the reference's loop, in two aten calls instead of its seven (scratch,
+        # slices, cast, 1 - alpha): base(z) + alpha * (z - base(z)) is lerp with weight alpha.
+        return _BASE[act](z).lerp_(z, alpha if alpha.dtype == z.dtype else alpha.to(z.dtype))
+    if z.dim() == 2:
+        return reference.collapsible_activation_(z, act, alpha)
+    return reference.collapsible_activation_(rows(z), act, alpha).view(z.shape)
 
 
 @op.register_kernel("cpu")
@@ -161,66 +215,6 @@ def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def alpha_is_zero(alpha: torch.Tensor) -> bool:
-    """Whether every slope is +0.0 (``sigma_alpha`` is its base activation), read from memory.
-
-    Reads the bytes on every call, so writes that skip autograd's version counter
-    (``alpha.data.fill_(1)``) are seen; no aten call (``bool((alpha == 0).all())`` is two, and a
-    host sync on CUDA; a numpy view's ``any()`` between the GEMMs measured several times slower).
-    Contiguous plain CPU tensors only: anything else (and -0.0) answers False, and the general
-    formula runs.
-    """
-    cls = type(alpha)
-    if (cls is not torch.nn.Parameter and cls is not torch.Tensor) or not alpha.is_cpu or not alpha.is_contiguous():
-        return False
-    try:
-        ptr = alpha.data_ptr()
-    except RuntimeError:  # no storage to read (fake, functional, meta-like tensors)
-        return False
-    n = alpha.numel() * alpha.element_size()
-    return ptr != 0 and n != 0 and ctypes.string_at(ptr, n) == bytes(n)
-
-
-# base(z) in place through the bindings nn.ReLU / nn.GELU / nn.SiLU themselves call: one aten call
-# each, as in nn.Sequential. ``torch.ops.aten.gelu.out(z, out=z)`` (the reference's form) is the
-# same kernel behind the OpOverload Python layer, which measured as costly as a 32-wide GELU.
-_BASE_INPLACE: dict[str, Callable[[torch.Tensor], Any]] = {
-    "identity": lambda z: z,
-    "relu": torch.relu_,
-    "gelu": torch._C._nn.gelu_,
-    "gelu_tanh": lambda z: torch._C._nn.gelu_(z, approximate="tanh"),
-    "silu": torch._C._nn.silu_,
-}
-
-
-_BASE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": torch._C._nn.gelu,
-    "gelu_tanh": lambda z: torch._C._nn.gelu(z, approximate="tanh"),
-    "silu": torch._C._nn.silu,
-}
-
-
-def linear_act_nograd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str
-) -> torch.Tensor:
-    """The CPU kernel's arithmetic on ``(..., K)`` inputs, for calls that record no autograd history.
-
-    At alpha = 0 the base activation runs in place on the GEMM's output: the same aten calls as
-    ``nn.Sequential(Linear, act)``, no pass for the slope.
-    """
-    z = F.linear(x, weight, bias)
-    if alpha is None or act == "identity" or alpha_is_zero(alpha):
-        _BASE_INPLACE[act](z)
-        return z
-    if act != "relu" and z.numel() <= reference._BLOCK_ELEMS:
-        # One block of the reference's loop, in two aten calls instead of its seven (scratch,
-        # slices, cast, 1 - alpha): base(z) + alpha * (z - base(z)) is lerp with weight alpha.
-        return _BASE[act](z).lerp_(z, alpha if alpha.dtype == z.dtype else alpha.to(z.dtype))
-    if z.dim() == 2:
-        return reference.collapsible_activation_(z, act, alpha)
-    return reference.collapsible_activation_(rows(z), act, alpha).view(z.shape)
-
-
 def _op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
         act: str) -> torch.Tensor:
     y = torch.ops.lc_kernels.fused_linear(rows(x), weight, bias, alpha, act)
@@ -253,7 +247,7 @@ def linear_act(
         # 16 rows on CPU costs a quarter of the GEMM's time.
         return F.linear(x, weight, bias)
     if path == dispatch.ATEN and not needs_autograd(x, weight, bias, alpha):
-        return linear_act_nograd(x, weight, bias, alpha, act)
+        return cpu_linear_act(x, weight, bias, alpha, act)
     return _op(x, weight, bias, alpha, act)
 
 

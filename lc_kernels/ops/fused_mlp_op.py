@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.library import wrap_triton
 
 from . import dispatch, launch, reference
-from .fused_linear_op import cpu_linear_act, linear_act, linear_act_backward, linear_act_nograd, needs_autograd
+from .fused_linear_op import cpu_linear_act, linear_act, linear_act_backward, needs_autograd
 from .validate import check_operands, check_raw_input, rows
 
 
@@ -135,7 +135,7 @@ def _run(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: O
         return _op(x, w1, b1, alpha, act, w2, b2)
     if not dispatch.use_triton(x) and not needs_autograd(x, w1, b1, alpha, w2, b2):
         # Inference on CPU: the CPU kernel's arithmetic, no custom-op dispatch, nothing saved.
-        return F.linear(linear_act_nograd(x, w1, b1, alpha, act), w2, b2)
+        return F.linear(cpu_linear_act(x, w1, b1, alpha, act), w2, b2)
     # The fused Triton kernel, or with autograd one node that saves x (not the hidden tensor)
     # and recomputes the hidden tensor backward.
     return _op(x, w1, b1, alpha, act, w2, b2)
