@@ -286,8 +286,10 @@ def _collapsible(act: Act, like: torch.Tensor, original: nn.Module | None = None
     base, alpha = act
     if isinstance(original, CollapsibleActivation) and original.num_parameters == alpha.numel():
         return original  # a KEEP joint keeps its module (and the slope's parameter identity)
-    n = alpha.numel()
-    return CollapsibleActivation(base, n, alpha.to(torch.float32)).to(like.device, like.dtype)
+    new = CollapsibleActivation(base, alpha.numel()).to(like.device, like.dtype)
+    with torch.no_grad():
+        new.alpha.copy_(alpha)  # from float64 straight to the model's dtype (a float32 init rounded float64 slopes)
+    return new
 
 
 def collapsed_modules(m: nn.Module, blocks: list[Block]) -> dict[str, object]:

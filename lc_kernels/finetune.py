@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
+class DivergedError(FloatingPointError, ValueError):
+    """Training diverged: a NaN/Inf loss, gradient or weight, or a step too large for the weights' dtype.
+
+    A ``ValueError`` (the usual cause is a bad argument: too high a learning rate) and, as before,
+    a ``FloatingPointError``."""
+
+
 @dataclass
 class FinetuneHistory:
     """What ``finetune`` recorded, one entry per logged step.
@@ -111,8 +118,9 @@ def finetune(
     slope are recorded. The model's train/eval mode is restored at the end.
 
     A step is all or nothing. Before ``optimizer.step()`` the loss and every gradient are
-    checked, after it the weights (two host syncs per step); a NaN/Inf anywhere raises
-    ``FloatingPointError`` naming the step and the cause, and a batch with 0 rows raises
+    checked, after it the weights (two host syncs per step); a NaN/Inf anywhere, or a step too
+    large for the weights' dtype, raises :class:`DivergedError` (a ``ValueError`` and a
+    ``FloatingPointError``) naming the step, the cause and to lower lr; a batch with 0 rows raises
     ``ValueError``. Either way (and on any other exception inside a step) the parameters,
     buffers (BatchNorm statistics) and optimizer state are put back as they were before that
     step, so the model holds the last good step's weights. This keeps one copy of the weights
@@ -158,7 +166,7 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 _check_before_step(model, step, loss, task, reg_loss)
-                optimizer.step()
+                _optimizer_step(optimizer, step)
                 _check_after_step(model, step, hist if step % log_every == 0 or step == total else None,
                                   (loss, task, reg_loss, strength_now, reg))
             except BaseException:
@@ -316,9 +324,24 @@ def _check_before_step(model: nn.Module, step: int, loss: torch.Tensor, task: to
         cause = f"the loss is {loss.item()} (task loss {t}, regularizer {r})"
     else:
         cause = f"{bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-    raise FloatingPointError(f"finetune step {step}: {cause}; no step was taken and the model and optimizer are "
+    raise DivergedError(f"finetune step {step}: {cause}; no step was taken and the model and optimizer are "
                              "as they were before this step. Lower lr, alpha_lr or strength, or check the batch "
                              "for NaN/Inf")
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, step: int) -> None:
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        # Adam's step size lr / (1 - beta1^t) is cast to the weights' dtype: lr=1e38 overflows float32
+        # ("value cannot be converted to type float without overflow") before any weight is written.
+        if "overflow" not in str(e):
+            raise
+        lrs = [g["lr"] for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))]
+        lr = f"{max(lrs):g}" if lrs else "?"
+        raise DivergedError(f"finetune step {step}: optimizer.step() cannot take a step at learning rate "
+                            f"{lr} in the weights' dtype ({e}); the model and optimizer are "
+                            "restored to before this step. Lower lr (and alpha_lr)") from e
 
 
 def _check_after_step(model: nn.Module, step: int, hist: FinetuneHistory | None, record: tuple) -> None:
@@ -332,7 +355,7 @@ def _check_after_step(model: nn.Module, step: int, hist: FinetuneHistory | None,
     out = torch.stack([v.to(loss.device) for v in flags + vals]).cpu().tolist() if flags or vals else []
     bad = [n for (n, _), good in zip(named, out) if not good]
     if bad:
-        raise FloatingPointError(f"finetune step {step}: optimizer.step() left NaN or Inf in {bad[0]}"
+        raise DivergedError(f"finetune step {step}: optimizer.step() left NaN or Inf in {bad[0]}"
                                  + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
                                  + "; the model and optimizer are restored to before this step. Lower lr or "
                                  "alpha_lr (or check the optimizer)")

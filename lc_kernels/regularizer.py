@@ -110,6 +110,10 @@ def alpha_param_groups(model: nn.Module, lr: float, *, alpha_lr: float | None = 
     weight_decay = check_nonneg("weight_decay", weight_decay)
     alpha_ids = {id(m.alpha) for _, m in collapsible_activations(model)}
     alphas = [p for p in model.parameters() if id(p) in alpha_ids]
+    if not alphas:
+        raise ValueError(f"alpha_param_groups found no collapsible slopes (alpha) in this {type(model).__name__}: "
+                         "call lc_kernels.prepare_(model) first, then build the optimizer; a model without slopes "
+                         "needs no separate group (pass model.parameters())")
     rest = [p for p in model.parameters() if id(p) not in alpha_ids]
     return [
         {"params": rest, "lr": lr, "weight_decay": weight_decay},

@@ -129,6 +129,43 @@ def test_fp16_overflow_is_refused_with_the_reason():
     assert unchanged(m, snap)
 
 
+@pytest.mark.parametrize("value, lost", [(2e-5, "100%"), (1e-4, "12%")])
+def test_fp16_underflow_is_refused_with_the_reason(value, lost):
+    # The overflow check's twin. Each weight is an fp16 number; their product over 16 channels
+    # (6.4e-9, 1.6e-7) is nonzero in float64 but below fp16's smallest normal (6.1e-5): cast back,
+    # it becomes 0, or a subnormal 12% away from it. The biases stay large: the weights alone decide.
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        m[0].weight.fill_(value)
+        m[2].weight.fill_(value)
+    m = m.half()
+    lc.prepare_(m, alpha_init=1.0)
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match=rf"site '0': the collapsed map of Linears 0..1 \(merged\) underflows "
+                                         rf"torch.float16: casting its float64 weight back loses {lost} of it.*"
+                                         r"model.float\(\) before collapse_"):
+        lc.collapse_(m)
+    assert unchanged(m, snap)
+
+
+def test_ordinary_half_precision_rounding_is_not_underflow():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        m[0].weight.fill_(1e-3)  # product 1.6e-5: subnormal in fp16, but 270 subnormal steps: 0.2% rounding
+        m[2].weight.fill_(1e-3)
+        m[0].bias.zero_()
+    m = m.half()
+    lc.prepare_(m, alpha_init=1.0)
+    lc.collapse_(m)
+    assert rel_err(m[0].fc.weight.double(), torch.full((8, 8), 1.6e-5, dtype=torch.float64)) < 1e-2
+    zero = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).half()
+    with torch.no_grad():
+        zero[0].weight.zero_()  # a product that is exactly 0 in float64 loses nothing
+    lc.prepare_(zero, alpha_init=1.0)
+    lc.collapse_(zero)
+    assert not zero[0].fc.weight.any()
+
+
 def test_meta_device_models_get_a_clear_error():
     with torch.device("meta"):
         m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))

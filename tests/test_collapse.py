@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -146,3 +147,26 @@ def test_half_precision_merge_casts_back_once():
     assert model[0].fc.weight.dtype == torch.bfloat16
     assert rel_err(model[0].fc.weight, ref) <= 1e-2
     assert model(x).dtype == torch.bfloat16
+
+
+def test_batchnorm_folded_in_train_mode_warns():
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+        lc.prepare_(m, alpha_init=1.0)
+        m(torch.randn(64, 8))  # real running statistics
+        return m
+    model, x = build(), torch.randn(32, 8)
+    with torch.no_grad():
+        train_before = model(x)
+    with pytest.warns(UserWarning, match=r"BatchNorm at \['0'\] was folded with its running statistics .* "
+                                         r"train-mode outputs change .* model.eval\(\) before collapse_"):
+        plan = lc.collapse_(model)
+    assert any("train-mode outputs change" in n for n in plan.notes)
+    with torch.no_grad():
+        assert rel_err(model(x), train_before) > 1e-3  # what the warning says: train-mode outputs did change
+    quiet = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = lc.collapse_(quiet)  # in eval mode folding is exact: no warning
+    assert not any("train" in n for n in plan.notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -141,6 +142,30 @@ def test_finetune_defaults_never_leave_a_broken_model(kwargs, data, err, words):
     assert _same(model.state_dict(), rec.states[-1] if rec.states else before)
     if err is ValueError:
         assert _same(model.state_dict(), before)
+
+
+@pytest.mark.parametrize("lr, words", [
+    (1e30, r"finetune step 2: the loss is nan .*Lower lr"),
+    (1e38, r"finetune step 1: optimizer.step\(\) cannot take a step at learning rate 1e\+39 in the weights' "
+           r"dtype .*Lower lr"),
+])
+def test_a_diverging_learning_rate_is_a_value_error(lr, words):
+    # 1e38: Adam's step size lr / (1 - beta1) no longer fits float32 (a RuntimeError from inside the
+    # optimizer before); 1e30: the loss is nan on the next step. Both: a ValueError saying to lower lr.
+    model = _model()
+    rec = _Recorder(_batches(), model)
+    with pytest.raises(ValueError, match=words) as e:
+        finetune(model, rec, steps=3, lr=lr, progress=False)
+    assert isinstance(e.value, FloatingPointError)  # what it was before, still
+    assert _same(model.state_dict(), rec.states[-1])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_alpha_param_groups_on_a_model_without_slopes():
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"found no collapsible slopes \(alpha\) in this Sequential: call "
+                                         r"lc_kernels.prepare_\(model\) first"):
+        lc.alpha_param_groups(plain, lr=1e-3)
 
 
 def test_a_healthy_run_is_unchanged_by_the_checks():
@@ -290,3 +315,36 @@ def test_cli_refuses_nonsense_numbers_with_exit_2(argv, option, capsys):
         main(argv)
     assert e.value.code == 2
     assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, words", [
+    ("module", r"refuses to unpickle it \(it pickles torch.nn.modules.container.Sequential\); save tensors only"),
+    ("object", r"refuses to unpickle it \(it pickles [\w.]*Opaque\)"),
+    ("empty", r"is not a readable torch.save file \(EOFError\)"),
+    ("garbage", r"is not a readable torch.save file"),
+])
+def test_cli_plan_on_a_file_it_will_not_unpickle_is_one_line_and_exit_2(content, words, tmp_path, capsys):
+    (tmp_path / "arch.py").write_text("from torch import nn\n\ndef build():\n"
+                                      "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n")
+    path = tmp_path / "model.pt"
+    if content == "module":
+        torch.save(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), path)
+    elif content == "object":
+        torch.save({"w": _Opaque()}, path)
+    else:
+        path.write_bytes(b"" if content == "empty" else b"not a zip, not a pickle")
+    assert main(["plan", str(path), "--model", f"{tmp_path / 'arch.py'}:build"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lc-kernels plan: error: CHECKPOINT {path}")
+    assert re.search(words, err), err
+    prepared = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lc.prepare_(prepared)
+    torch.save(prepared.state_dict(), tmp_path / "sd.pt")
+    assert main(["plan", str(tmp_path / "sd.pt"), "--model", f"{tmp_path / 'arch.py'}:build", "--calib", str(path)]) \
+        == 2  # the same file as calibration data
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lc-kernels plan: error: --calib {path}") and re.search(words, err)
+
+
+class _Opaque:
+    pass

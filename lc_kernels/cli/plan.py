@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pickle
 import re
 import sys
 
@@ -153,9 +154,35 @@ def build_model(spec: str) -> nn.Module:
 _ALPHA_KEY = re.compile(r"^(?:(.*)\.)?(?:act|acts\.(\d+))\.alpha$")
 
 
+def torch_load(path: str, what: str) -> object:
+    """``torch.load(path, weights_only=True)``; a file it cannot or will not read is a one-line ValueError.
+
+    ``weights_only`` refuses pickled classes (a whole ``nn.Module``, custom objects): running a
+    checkpoint's code to read it is what this CLI never does.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(f"{what} {path}: torch.load(weights_only=True) refuses to unpickle it (it pickles "
+                             f"{found.group(1)}); save tensors only, e.g. torch.save(model.state_dict(), path)") \
+                from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        raise ValueError(f"{what} {path} is not a readable torch.save file (UnpicklingError: "
+                         f"{(detail or [''])[0][:200]}); is it truncated or of another format?") from None
+    except Exception as e:  # noqa: BLE001 - zip/pickle readers raise anything on a damaged file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{what} {path} is not a readable torch.save file ({type(e).__name__}"
+                         + (f": {first}" if first else "") + "); is it truncated or of another format?") from None
+
+
 def load_prepared_state(model: nn.Module, path: str) -> None:
     """Prepare ``model`` as the state dict's slopes say (per channel where they are) and load it."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path, "CHECKPOINT")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}); save one with "
                          "torch.save(model.state_dict(), path)")
@@ -193,7 +220,7 @@ def load_calib(path: str, model: nn.Module, *, key: str | None = None, rows: int
             arr = arr[key if key is not None else arr.files[0]]
         data: object = torch.from_numpy(arr)
     elif ext in (".pt", ".pth"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load(path, "--calib")
     else:
         raise ValueError(f"--calib {path}: unknown extension {ext!r}; expected .pt, .pth, .npy or .npz")
     if isinstance(data, (torch.Tensor, tuple)):

@@ -7,13 +7,17 @@ the others stay an MLP).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import MISSING as _MISSING
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator
 
 MERGE, FACTOR, KEEP, PARTIAL, LINEAR = "MERGE", "FACTOR", "KEEP", "PARTIAL", "LINEAR"
 DECISIONS = (MERGE, FACTOR, KEEP, PARTIAL)
 GATED_DECISIONS = (KEEP, PARTIAL, LINEAR)  # a gated FFN has no merge: its linear form is fitted
 OBJECTIVES = ("flops", "params", "latency")
+FIT_TARGETS = ("local", "global")
 PLAN_FORMAT = 1
 
 
@@ -30,6 +34,34 @@ class JointPlan:
     def deviation(self) -> float:
         """max |1 - alpha| over the joint's channels (the no-data error proxy)."""
         return max(abs(1.0 - a) for a in self.alpha)
+
+    def validate(self, at: str, width: int, kind: str) -> None:
+        """Types and ranges of this joint of ``width`` channels (see :meth:`CollapsePlan.validate`)."""
+        alpha = _list(f"{at}.alpha", self.alpha)
+        if len(alpha) not in (1, width):
+            raise ValueError(f"{at}.alpha has {len(alpha)} slopes; a joint of {width} channels has 1 (one per layer) "
+                             f"or {width} (one per channel)")
+        for c, a in enumerate(alpha):
+            _number(f"{at}.alpha[{c}]", a)
+        decisions = GATED_DECISIONS if kind == "LCGatedMLP" else DECISIONS
+        if not isinstance(self.decision, str) or self.decision not in decisions:
+            raise ValueError(f"{at}: unknown decision {self.decision!r:.60} for a {kind} site; expected one of "
+                             f"{decisions}")
+        _str(f"{at}.reason", self.reason)
+        ch = self.linear_channels
+        if ch is None and self.decision != PARTIAL:
+            return
+        need = (f"PARTIAL needs a strict, non-empty subset of the {width} channels as distinct ints in [0, {width})"
+                if self.decision == PARTIAL else f"linear_channels are distinct ints in [0, {width})")
+        if ch is None:
+            raise ValueError(f"{at}.linear_channels is null: {need} (the channels folded into the skip Linear); "
+                             "list them, or decide KEEP or MERGE")
+        if not isinstance(ch, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in ch):
+            raise TypeError(f"{at}.linear_channels: {need}, got {type(ch).__name__} {ch!r:.60}")
+        if not all(0 <= c < width for c in ch) or len(set(ch)) != len(ch) or (
+                self.decision == PARTIAL and not 0 < len(ch) < width):
+            raise ValueError(f"{at}.linear_channels: {need}, got {ch!r:.80}"
+                             + (" (all of them is MERGE, none is KEEP)" if self.decision == PARTIAL else ""))
 
 
 @dataclass
@@ -55,6 +87,27 @@ class SitePlan:
     @property
     def changes(self) -> bool:
         return any(j.decision != KEEP for j in self.joints)
+
+    def validate(self, at: str = "site") -> None:
+        """Types and ranges of this site and its joints (see :meth:`CollapsePlan.validate`)."""
+        _str(f"{at}.path", self.path)
+        _str(f"{at}.kind", self.kind)
+        widths = _list(f"{at}.widths", self.widths)
+        for i, w in enumerate(widths):
+            _int(f"{at}.widths[{i}]", w, low=1)
+        joints = _list(f"{at}.joints", self.joints)
+        if len(widths) < 3 or len(joints) != len(widths) - 2:
+            raise ValueError(f"{at} has widths {widths} and {len(joints)} joints; a site of n Linears has n + 1 widths "
+                             "and n - 1 joints (at least one)")
+        for i, j in enumerate(joints):
+            if not isinstance(j, JointPlan):
+                raise TypeError(f"{at}.joints[{i}] must be a JointPlan, got {type(j).__name__}")
+            j.validate(f"{at}.joints[{i}]", widths[i + 1], self.kind)
+        for name in ("params_before", "params_after", "flops_before", "flops_after"):
+            _number(f"{at}.{name}", getattr(self, name), low=0.0)
+        if self.est_error is not None:
+            _number(f"{at}.est_error", self.est_error, low=0.0, finite=False)
+        _str(f"{at}.error_source", self.error_source)
 
 
 @dataclass
@@ -136,15 +189,63 @@ class CollapsePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollapsePlan":
+        """The plan ``to_dict`` wrote; anything else (an edited or truncated file) is a ValueError naming
+        the field that is wrong, what it holds and what was expected."""
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"not a CollapsePlan (format {got!r}, expected {PLAN_FORMAT}); was it written by to_json()?")
         try:
-            sites = [SitePlan(**{**s, "joints": [JointPlan(**j) for j in s["joints"]]}) for s in d["sites"]]
-            rest = {k: v for k, v in d.items() if k not in ("format", "sites", "fitted")}
-            return cls(sites=sites, **rest)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"corrupt CollapsePlan: {e}") from e
+            _keys("plan", d, cls, ("format", "fitted"))
+            sites = _list("plan.sites", d["sites"])
+            built = []
+            for i, s in enumerate(sites):
+                _keys(f"plan.sites[{i}]", s, SitePlan)
+                joints = []
+                for k, j in enumerate(_list(f"plan.sites[{i}].joints", s["joints"])):
+                    _keys(f"plan.sites[{i}].joints[{k}]", j, JointPlan)
+                    joints.append(JointPlan(**j))
+                built.append(SitePlan(**{**s, "joints": joints}))
+            plan = cls(sites=built, **{k: v for k, v in d.items() if k not in ("format", "sites", "fitted")})
+            plan.validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"corrupt CollapsePlan: {e}. Was it edited by hand? Fix that field, or make a new plan "
+                             "with lc_kernels.plan_collapse") from None
+        return plan
+
+    def validate(self) -> None:
+        """Refuse a plan whose fields do not hold what the planner writes (TypeError: wrong type,
+        ValueError: wrong value), naming the field: an edited plan fails here, not deep inside collapse_."""
+        _number("plan.tol", self.tol, low=0.0)
+        _choice("plan.objective", self.objective, OBJECTIVES)
+        _flag("plan.forced", self.forced)
+        _flag("plan.fit", self.fit)
+        if self.max_error is not None:
+            _number("plan.max_error", self.max_error, low=0.0)
+        if self.target is not None:
+            _number("plan.target", self.target, low=0.0, high=1.0)
+        if self.measured_error is not None:
+            _number("plan.measured_error", self.measured_error, low=0.0, finite=False)
+        if self.calib_rows is not None:
+            _int("plan.calib_rows", self.calib_rows, low=0)
+        _int("plan.round_to", self.round_to, low=1)
+        if self.search is not None:
+            _str("plan.search", self.search)
+        if self.fit_target is not None:
+            _choice("plan.fit_target", self.fit_target, FIT_TARGETS)
+        for i, n in enumerate(_list("plan.notes", self.notes)):
+            _str(f"plan.notes[{i}]", n)
+        if not isinstance(self.fitted, dict):
+            raise TypeError(f"plan.fitted must be a dict of site path -> fitted module, got "
+                            f"{type(self.fitted).__name__}")
+        paths = []
+        for i, sp in enumerate(_list("plan.sites", self.sites)):
+            if not isinstance(sp, SitePlan):
+                raise TypeError(f"plan.sites[{i}] must be a SitePlan, got {type(sp).__name__}")
+            sp.validate(f"plan.sites[{i}]")
+            paths.append(sp.path)
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if twice:
+            raise ValueError(f"the plan lists site(s) {twice} more than once; a plan holds each site once")
 
     @classmethod
     def from_json(cls, s: str) -> "CollapsePlan":
@@ -178,6 +279,59 @@ class CollapsePlan:
                  + (", fit=least-squares" if self.fit else "") + ")",
                  fmt(head), sep, *map(fmt, rows[:-1]), sep, fmt(rows[-1]), *self.notes]
         return "\n".join(lines)
+
+
+def _keys(at: str, d: object, kind: type, extra: tuple[str, ...] = ()) -> None:
+    """``d`` is a dict holding every required field of the dataclass ``kind`` and no unknown one."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{at} must be an object (dict) of {kind.__name__} fields, got {type(d).__name__} {d!r:.60}")
+    names = {f.name for f in fields(kind)}
+    required = {f.name for f in fields(kind) if f.default is _MISSING and f.default_factory is _MISSING}
+    missing, unknown = sorted(required - set(d)), sorted(set(d) - names - set(extra))
+    if missing or unknown:
+        what = "; ".join(([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else []))
+        raise ValueError(f"{at}: {what} ({kind.__name__} has fields {sorted(names)})")
+
+
+def _list(at: str, v: object) -> list:
+    if not isinstance(v, list):
+        raise TypeError(f"{at} must be a list, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _str(at: str, v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{at} must be a string, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _flag(at: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{at} must be true or false, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _choice(at: str, v: object, options: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v not in options:
+        raise ValueError(f"{at} is {v!r:.60}, expected one of {options}")
+    return v
+
+
+def _number(at: str, v: object, *, low: float | None = None, high: float | None = None, finite: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{at} must be a number, got {type(v).__name__} {v!r:.60}")
+    if math.isnan(v) or (finite and math.isinf(v)) or (low is not None and v < low) or (high is not None and v > high):
+        rng = "" if low is None and high is None else f" in [{low:g}, {'inf' if high is None else f'{high:g}'}]"
+        raise ValueError(f"{at} is {v!r}, expected a {'finite ' if finite else ''}number{rng}")
+    return float(v)
+
+
+def _int(at: str, v: object, *, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{at} must be an integer, got {type(v).__name__} {v!r:.60}")
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{at} is {v}, expected an integer in [{low}, {'...' if high is None else high}]")
+    return int(v)
 
 
 def _si(n: int) -> str:

@@ -32,7 +32,7 @@ from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCChain, LCFusedMLP
 from ..planning import KEEP, MERGE, CollapsePlan, SitePlan
 from .atomic import atomic
-from .collapse import _check_site_matches, _record, apply_site
+from .collapse import _check_joints, _check_site_matches, _record, apply_site
 from .describe import _JOINT_FIELDS, PREPARED_KEY, _describe_untouched, _dtype, _joint, _unknown_joint
 from .prepare import prepare_
 
@@ -182,20 +182,47 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
 
 
 def _parse_meta(meta: dict) -> tuple[list[CollapsePlan], dict[str, int | list[int]], dict[str, dict]]:
-    plans = [CollapsePlan.from_dict(d) for d in meta["plans"]]
+    plans_raw = meta.get("plans")
+    if not isinstance(plans_raw, list):
+        raise ValueError(f"plans is {type(plans_raw).__name__} {plans_raw!r:.60}, expected a list of plans")
+    plans = []
+    for i, d in enumerate(plans_raw):
+        try:
+            plans.append(CollapsePlan.from_dict(d))
+        except ValueError as e:
+            raise ValueError(f"plans[{i}]: {e}") from None
+    prepared = meta.get("prepared")
+    if not isinstance(prepared, dict):
+        raise ValueError(f"prepared is {type(prepared).__name__} {prepared!r:.60}, expected site path -> slopes per "
+                         "joint")
     layout: dict[str, int | list[int]] = {}
-    for k, v in meta["prepared"].items():
-        if isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in v):
+    for k, v in prepared.items():
+        if isinstance(v, list) and v and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v):
             layout[str(k)] = list(v)  # /2: slopes per joint
-        elif isinstance(v, int) and not isinstance(v, bool):
+        elif isinstance(v, int) and not isinstance(v, bool) and v >= 1:
             layout[str(k)] = v  # /1: the most slopes of any joint of the site
         else:
-            raise ValueError(f"prepared[{k!r}] is {v!r}, expected slopes per joint (a list of ints)")
+            raise ValueError(f"prepared[{k!r}] is {v!r}, expected slopes per joint (a non-empty list of ints >= 1)")
     arch = meta.get("architecture", {})
-    if not isinstance(arch, dict) or not all(isinstance(d, dict) and isinstance(d.get("joints", []), list)
-                                             for d in arch.values()):
-        raise ValueError("architecture must map each site to its description")
+    if not isinstance(arch, dict):
+        raise ValueError(f"architecture is {type(arch).__name__}, expected site path -> description")
+    for p, d in arch.items():
+        joints = d.get("joints", []) if isinstance(d, dict) else None
+        if not isinstance(joints, list) or not all(isinstance(j, dict) for j in joints):
+            raise ValueError(f"architecture[{p!r}] must describe the site as an object whose joints are a list of "
+                             f"objects, got {d!r:.80}")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"aliases must map state-dict keys to the key stored for them (strings), got {aliases!r:.80}")
     return plans, layout, arch
+
+
+def _check_values(tensors: dict[str, torch.Tensor], w_path: str) -> None:
+    """A checkpoint holding NaN or Inf would load a model that computes NaN: refuse it, naming the tensors."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{w_path} holds NaN or Inf in {len(bad)} tensor(s): {bad[:5]}; the model it was saved "
+                         "from had diverged or the file is corrupt. Save again from a healthy model")
 
 
 def load_collapsed(model: nn.Module, path: str | os.PathLike) -> CollapsePlan | None:
@@ -210,16 +237,24 @@ def load_collapsed(model: nn.Module, path: str | os.PathLike) -> CollapsePlan | 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_collapsed expects an nn.Module, got {type(model).__name__}")
     meta, tensors = read_checkpoint(path)
+    meta_path = os.path.join(path, META)
     try:
         plans, layout, arch = _parse_meta(meta)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{os.path.join(path, META)} is corrupt: {e}") from e
+        raise ValueError(f"{meta_path} is corrupt: {e}") from e
+    _check_values(tensors, os.path.join(path, WEIGHTS))
     trial = copy.deepcopy(model)
-    _prepare_as(trial, layout, arch)
-    fresh = {p: _describe_untouched(trial.get_submodule(p)) for p in layout if _untouched(trial, p)}
-    _replay(trial, plans)
-    _compare(arch, fresh)
-    state = _state_from_file(trial, tensors, meta.get("aliases", {}))
+    try:
+        _prepare_as(trial, layout, arch)
+        fresh = {p: _describe_untouched(trial.get_submodule(p)) for p in layout if _untouched(trial, p)}
+        _replay(trial, plans)
+        _compare(arch, fresh)
+        state = _state_from_file(trial, tensors, meta.get("aliases", {}))
+    except (KeyError, IndexError, AttributeError) as e:
+        # Everything read from the JSON is checked above; this is the backstop for an edit those checks
+        # do not foresee. Only the copy was touched.
+        raise ValueError(f"{meta_path} does not describe a model this one can become ({type(e).__name__}: {e}); "
+                         "was it edited? Save the checkpoint again with save_collapsed") from e
     with atomic(model, "load_collapsed"):  # validated on the copy; still all or nothing
         rebuild_(model, plans, layout, arch)
         model.load_state_dict(state)
@@ -272,6 +307,7 @@ def _replay(model: nn.Module, plans: list[CollapsePlan]) -> None:
     for plan in plans:
         for sp in plan.sites:
             m = _check_site_matches(model, sp)
+            _check_joints(m, sp)
             acts = [m.act] if isinstance(m, LCFusedMLP) else list(m.acts)
             for i, (act, jp) in enumerate(zip(acts, sp.joints)):
                 if isinstance(act, CollapsibleActivation) and act.num_parameters != len(jp.alpha):

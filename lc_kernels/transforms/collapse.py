@@ -1,10 +1,12 @@
 """``collapse_``: apply a plan to a model in place (structure and weights)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from ..algebra import Block, canonical_affines, collapsed_modules, exact_blocks, install, site_acts
+from ..algebra import Block, LinearBlock, canonical_affines, collapsed_modules, exact_blocks, install, site_acts
 from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCFusedMLP, linears_of
 from ..nn.gated import LCGatedMLP
@@ -66,7 +68,7 @@ def _refusals(plan: CollapsePlan) -> list[str]:
     for sp in plan.sites:
         for i, j in enumerate(sp.joints):
             chans = j.linear_channels if j.decision == PARTIAL else range(len(j.alpha)) if j.decision != KEEP else []
-            dev = max((abs(1 - j.alpha[c]) for c in chans), default=0.0)
+            dev = max((abs(1 - j.alpha[c if len(j.alpha) > 1 else 0]) for c in chans), default=0.0)
             if dev > plan.tol:
                 out.append(f"{sp.path} joint {i}: {j.decision} at |1-alpha|={dev:.3f} > tol {plan.tol:g}")
     return out
@@ -91,12 +93,9 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
         raise TypeError(f"pass either a plan or planning options, not both (got {sorted(plan_kwargs)})")
     if not isinstance(plan, CollapsePlan):
         raise TypeError(f"plan must be a CollapsePlan, got {type(plan).__name__}")
+    plan.validate()  # an edited plan is refused here, naming the field, before anything else reads it
     if any(t.is_meta for t in model.parameters()):
         raise ValueError("collapse_ got a model on the meta device (no weights to merge); materialise and load it first")
-    paths = [sp.path for sp in plan.sites]
-    twice = sorted({p for p in paths if paths.count(p) > 1})
-    if twice:
-        raise ValueError(f"the plan lists site(s) {twice} more than once; a plan holds each site once")
     if any(sp.kind == "LCGatedMLP" for sp in plan.sites):
         return collapse_gated_(model, plan, calib=calib, forward_fn=forward_fn)
     mods = [_check_site_matches(model, sp) for sp in plan.sites]
@@ -127,14 +126,19 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
         isinstance(n, nn.BatchNorm1d) and n.training for n in ([mods[i].norm] if isinstance(mods[i], LCFusedMLP)
                                                                  else list(mods[i].norms)))]
     with atomic(model, "collapse_"):
-        if training_bn:
-            plan.notes.append(f"BatchNorm at {training_bn} folded with its running statistics (eval semantics); "
-                              "the model was in train mode, where BatchNorm uses batch statistics instead")
         for i, sp in changing.items():
-            parts = collapsed_modules(mods[i], blocks.get(i) or site_blocks(mods[i], sp))
-            check_weights(parts, sp.path)
+            site = blocks.get(i) or site_blocks(mods[i], sp)
+            parts = collapsed_modules(mods[i], site)
+            check_weights(parts, sp.path, site)
             install(mods[i], parts)
         _record(model, plan)
+    if training_bn:
+        msg = (f"BatchNorm at {training_bn} was folded with its running statistics (eval semantics) while it is in "
+               "train mode: in train mode it normalised each batch by that batch's statistics, so the model's "
+               "train-mode outputs change (eval-mode outputs are as planned). Call model.eval() before collapse_ "
+               "to fold deliberately")
+        plan.notes.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
     return plan
 
 
@@ -229,8 +233,15 @@ def _check_train_norm(m: nn.Module, path: str) -> None:
                              "reproduce; keep this site (KEEP) or train with running statistics")
 
 
-def check_weights(parts: dict, path: str) -> None:
-    """Refuse collapsed weights that do not fit the model's dtype (overflow to inf, or NaN)."""
+# Casting a float64 product back rounds each normal entry by at most 2^-9 (bf16) of itself, so
+# losing 10% of a map's norm is underflow (entries flushed to zero or subnormal), never rounding.
+UNDERFLOW_LOSS = 0.1
+
+
+def check_weights(parts: dict, path: str, blocks: list[Block] | None = None) -> None:
+    """Refuse collapsed weights that do not fit the model's dtype: overflow (inf or NaN), and, with the
+    float64 ``blocks`` they were cast from, underflow (the product flushed to zero or subnormal)."""
+    dtype = None
     for name, v in parts.items():
         mods = v if isinstance(v, (nn.ModuleList, nn.ModuleDict)) else [v] if isinstance(v, nn.Module) else []
         for mod in (mods.values() if isinstance(mods, nn.ModuleDict) else mods):
@@ -239,6 +250,41 @@ def check_weights(parts: dict, path: str) -> None:
                     raise ValueError(f"site {path!r}: the collapsed {name}.{pname} overflows {p.dtype} (inf or NaN "
                                      "after casting the float64 product back); collapse with float32 weights "
                                      "(model.float()) and cast afterwards, or keep this site")
+                if isinstance(mod, nn.Linear) and pname == "weight":
+                    dtype = p.dtype
+    if blocks is None or dtype is None:
+        return
+    for what, weight, bias in _block_maps(blocks):
+        w_lost = _cast_loss(weight, dtype)
+        scale = max(float(weight.norm()), float(bias.norm())) if bias is not None else 0.0
+        b_lost = _cast_loss(bias, dtype, scale) if bias is not None else 0.0
+        if w_lost > UNDERFLOW_LOSS or b_lost > UNDERFLOW_LOSS:
+            part = "weight" if w_lost >= b_lost else "bias"
+            tiny = torch.finfo(dtype).tiny
+            raise ValueError(f"site {path!r}: the collapsed {what} underflows {dtype}: casting its float64 {part} "
+                             f"back loses {max(w_lost, b_lost):.0%} of it (entries below {tiny:.1e} become "
+                             f"subnormal or zero); keep the model in a wider dtype (model.float() before collapse_), "
+                             "or keep this site (KEEP)")
+
+
+def _cast_loss(t: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> float:
+    """||cast(t) - t|| / scale (default ||t||): what casting the float64 ``t`` to ``dtype`` loses."""
+    scale = float(t.norm()) if scale is None else scale
+    if scale == 0.0 or t.dtype == dtype:
+        return 0.0
+    return float((t.to(dtype).to(t.dtype) - t).norm()) / scale
+
+
+def _block_maps(blocks: list[Block]):
+    """(description, float64 weight, float64 bias or None) of every Linear the blocks install."""
+    for b in blocks:
+        span = f"Linear {b.first}" if b.first == b.last else f"Linears {b.first}..{b.last}"
+        if isinstance(b, LinearBlock):
+            yield f"map of {span}" + (" (merged)" if b.last > b.first else ""), b.map.weight, b.map.bias
+        else:
+            yield f"partial block of {span}: fc1", b.fc1.weight, b.fc1.bias
+            yield f"partial block of {span}: fc2", b.fc2.weight, b.skip.bias
+            yield f"partial block of {span}: skip", b.skip.weight, None
 
 
 def site_blocks(m: nn.Module, sp: SitePlan) -> list[Block]:
