@@ -19,6 +19,7 @@ from torch import nn
 from .nn.gated import LCGatedMLP
 from .nn.mlp import LCChain, LCFusedMLP
 from .planning import CollapsePlan, plan_collapse
+from .planning.cost import linear_flops
 from .planning.gated import GatedSite, gated_sites, measure
 from .planning.layerwise import _Stop, output_point
 from .planning.calibration import eval_no_grad
@@ -58,6 +59,12 @@ class CompressReport:
     heal_steps: int
     prepared: list[str] = field(default_factory=list)
     curve: list[tuple[float, float]] = field(default_factory=list)  # (fraction of site FLOPs removed, error)
+    model_flops: int | None = None  # per token, every Linear of the model before compression
+
+    @property
+    def model_flops_removed(self) -> float | None:
+        """The removed FLOPs as a fraction of the whole model's Linear FLOPs (attention included)."""
+        return (self.flops_before - self.flops_after) / self.model_flops if self.model_flops else None
 
     @property
     def flops_removed(self) -> float:
@@ -72,7 +79,8 @@ class CompressReport:
                 for k, s in enumerate(self.steps)]
         rows.append(("", "TOTAL", f"{len(self.steps)} sites changed", f"{self.params_before} -> {self.params_after}",
                      f"{self.flops_before} -> {self.flops_after}", "", f"{self.final_error:.2e}",
-                     f"{self.flops_removed:.1%} FLOPs removed"))
+                     f"{self.flops_removed:.1%} of the sites' FLOPs removed"
+                     + (f" ({self.model_flops_removed:.1%} of the model's Linear FLOPs)" if self.model_flops else "")))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         sep = "  ".join("-" * w for w in widths)
@@ -223,8 +231,9 @@ def compress(
     failure restores the model.
 
     ``heal_loss(model, batch) -> loss`` heals with the user's own loss (labels allowed: ``batch`` is
-    what ``heal_data`` yields); without it healing distils the model's own outputs. Either way a
-    healing round that makes the calibration error worse is undone.
+    what ``heal_data`` yields); without it healing distils the model's own outputs. A healing round
+    that makes what it optimises worse is undone: the calibration error when distilling, the mean
+    of ``heal_loss`` over ``heal_data`` with the user's loss.
 
     Gated FFNs (decoder LLMs: :class:`~lc_kernels.LCGatedMLP`) are planned and fitted in one
     layer-by-layer pass and installed together (the plan carries its fits; ``fit="local"`` or
@@ -255,10 +264,11 @@ def compress(
                 why = "; ".join(f"{p or '<model>'}: {r}" for p, r in sites.skipped[:3])
                 raise ValueError("compress found no Linear -> activation -> Linear or gated FFN site to collapse in "
                                  "this model" + (f" (left alone: {why})" if why else ""))
+        model_flops = linear_flops(model)
         if gated_sites(model):
             return _compress_gated(model, calib, target=target, max_error=max_error, heal_steps=heal_steps,
                                    heal_data=heal_data, heal_lr=heal_lr, forward_fn=forward_fn, heal_loss=heal_loss,
-                                   fit=fit, objective=objective, prepared=prepared)
+                                   fit=fit, objective=objective, prepared=prepared, model_flops=model_flops)
         if fit not in (None, "local"):
             raise ValueError(f"fit={fit!r}: Linear -> act -> Linear sites are fitted to their own function "
                              "(fit='local'); 'global' applies to gated FFN sites")
@@ -284,12 +294,15 @@ def compress(
                             sp.est_error, err)
             if per_step[k]:
                 saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
+                user_before = _user_loss(model, heal, heal_loss)
                 _heal(model, heal, teacher.heal, per_step[k], heal_lr, forward_fn, done_heal, heal_loss)
                 done_heal += per_step[k]
                 step.healed_error = _error(model, batches, teacher, forward_fn)
-                if step.healed_error > err:
-                    # Healing that makes the calibration error worse is undone (too high heal_lr, too
-                    # little heal_data): the report then shows the unhealed error.
+                worse = (_user_loss(model, heal, heal_loss) > user_before if heal_loss is not None
+                         else step.healed_error > err)
+                if worse:
+                    # Healing that makes what it optimises worse (the calibration error, or the user's
+                    # loss on heal_data) is undone: too high heal_lr, too little heal_data.
                     model.load_state_dict(saved)
                     step.healed_error = err
             steps.append(step)
@@ -300,11 +313,11 @@ def compress(
             bar.close()
         final = curve[-1][1]
     return CompressReport(steps, plan, total_before, plan.flops_after, plan.params_before, plan.params_after, final,
-                          done_heal, prepared, curve)
+                          done_heal, prepared, curve, model_flops)
 
 
 def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_steps: int, heal_data, heal_lr: float,
-                    forward_fn, heal_loss, fit, objective, prepared: list[str]) -> CompressReport:
+                    forward_fn, heal_loss, fit, objective, prepared: list[str], model_flops: int) -> CompressReport:
     """:func:`compress` for gated FFN sites: one fitted plan, installed at once, then healing."""
     batches = calib_batches(model, calib, forward_fn=forward_fn)
     heal = batches if heal_data is None else calib_batches(model, heal_data, forward_fn=forward_fn)
@@ -330,12 +343,13 @@ def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_
         def distil(m: nn.Module, b: Batch, k: int) -> torch.Tensor:
             return _distillation_loss(m, b, k, teacher[k], head, forward_fn)
 
+        user_before = _user_loss(model, heal, heal_loss)
         _heal(model, heal, [], heal_steps, heal_lr, forward_fn, 0, heal_loss, params=params,
               loss_fn=None if heal_loss is not None else distil)
         done_heal = heal_steps
         with eval_no_grad(model):
             healed = _error_now(model, sites, batches, forward_fn, reference)
-        if healed > err:
+        if (_user_loss(model, heal, heal_loss) > user_before) if heal_loss is not None else healed > err:
             with torch.no_grad():
                 for p in params:
                     p.copy_(saved[id(p)])
@@ -345,7 +359,15 @@ def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_
     removed = plan.flops_before - plan.flops_after
     curve = [(0.0, 0.0), (removed / plan.flops_before if plan.flops_before else 0.0, final)]
     return CompressReport(steps, plan, plan.flops_before, plan.flops_after, plan.params_before, plan.params_after,
-                          final, done_heal, prepared, curve)
+                          final, done_heal, prepared, curve, model_flops)
+
+
+def _user_loss(model: nn.Module, batches: list[Batch], heal_loss) -> float:
+    """Mean of the user's healing loss over the healing batches, eval mode, no graph."""
+    if heal_loss is None:
+        return 0.0
+    with eval_no_grad(model):
+        return sum(float(heal_loss(model, b.raw)) for b in batches) / len(batches)
 
 
 def _error_now(model: nn.Module, sites, batches: list[Batch], forward_fn, reference) -> float:

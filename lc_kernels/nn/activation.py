@@ -37,7 +37,8 @@ class CollapsibleActivation(nn.Module):
             raise ValueError(f"num_parameters must be a positive int, got {num_parameters!r}")
         self.num_parameters = num_parameters
         try:
-            init_t = torch.as_tensor(init, dtype=torch.float32).detach().clone().reshape(-1)
+            # on the CPU whatever the default device: the finiteness check below reads values (meta has none)
+            init_t = torch.as_tensor(init, dtype=torch.float32, device="cpu").detach().clone().reshape(-1)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"init must be a float or a tensor of floats, got {type(init).__name__} {init!r}: {e}") \
                 from None
@@ -49,7 +50,7 @@ class CollapsibleActivation(nn.Module):
                 f"init has {init_t.numel()} values but num_parameters={num_parameters}; "
                 "pass a scalar or one value per channel"
             )
-        self.alpha = nn.Parameter(init_t.expand(num_parameters).clone())
+        self.alpha = nn.Parameter(init_t.expand(num_parameters).clone().to(torch.empty(0).device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
