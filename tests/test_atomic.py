@@ -171,6 +171,17 @@ def test_meta_device_models_get_a_clear_error():
         m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     with pytest.raises(ValueError, match="meta device"):
         lc.prepare_(m)
+    prepared = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    lc.prepare_(prepared, alpha_init=1.0)
+    prepared.to("meta")  # moved there after prepare_: planning and collapse_ refuse before reading a slope
+    ids = [id(m) for m in prepared.modules()]  # (repr of a meta CollapsibleActivation fails: nn/activation.py)
+    with pytest.raises(ValueError, match="plan_collapse got a model on the meta device"):
+        lc.plan_collapse(prepared)
+    with pytest.raises(ValueError, match="collapse_ got a model on the meta device"):
+        lc.collapse_(prepared)
+    with pytest.raises(ValueError, match="collapse_ got a model on the meta device"):
+        lc.collapse_(prepared, tol=0.1)
+    assert prepared[0].form == "mlp" and [id(m) for m in prepared.modules()] == ids
 
 
 def _random_model(rng: random.Random) -> tuple[nn.Module, int]:

@@ -84,7 +84,7 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def collapsed_error(model: nn.Module, plan: CollapsePlan, x: torch.Tensor) -> float:
     """Relative change of the model output when ``plan`` is really applied (to a copy)."""
-    c = copy.deepcopy(model)
+    c = copy.deepcopy(model).eval()  # BatchNorm folds with eval semantics: compared in eval mode below
     lc.collapse_(c, plan)
     return rel_err(outputs(c, x), outputs(copy.deepcopy(model), x))
 

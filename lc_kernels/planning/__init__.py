@@ -77,6 +77,10 @@ def plan_collapse(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan_collapse expects an nn.Module, got {type(model).__name__}")
+    if any(t.is_meta for t in model.parameters()):
+        raise ValueError("plan_collapse got a model on the meta device (its slopes and weights hold no values to "
+                         "plan from); materialise and load it first (e.g. model.to_empty(device='cpu') and "
+                         "load_state_dict)")
     opts = PlanOptions.of(tol=tol, calib=calib, max_error=max_error, target=target, force=force,
                           objective=objective, search=search, fit=fit, forward_fn=forward_fn, round_to=round_to,
                           example=example, tokens=tokens)

@@ -87,6 +87,8 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"collapse_ expects an nn.Module, got {type(model).__name__}")
+    if any(t.is_meta for t in model.parameters()):
+        raise ValueError("collapse_ got a model on the meta device (no weights to merge); materialise and load it first")
     if plan is None:
         plan = plan_collapse(model, calib=calib, forward_fn=forward_fn, force=force, **plan_kwargs)
     elif plan_kwargs:
@@ -94,8 +96,6 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     if not isinstance(plan, CollapsePlan):
         raise TypeError(f"plan must be a CollapsePlan, got {type(plan).__name__}")
     plan.validate()  # an edited plan is refused here, naming the field, before anything else reads it
-    if any(t.is_meta for t in model.parameters()):
-        raise ValueError("collapse_ got a model on the meta device (no weights to merge); materialise and load it first")
     if any(sp.kind == "LCGatedMLP" for sp in plan.sites):
         return collapse_gated_(model, plan, calib=calib, forward_fn=forward_fn)
     mods = [_check_site_matches(model, sp) for sp in plan.sites]
