@@ -71,6 +71,7 @@ def speedup(model: nn.Module, plan: CollapsePlan, example: object, *, calib: obj
     """
     if not isinstance(plan, CollapsePlan):
         raise TypeError(f"plan must be a CollapsePlan, got {type(plan).__name__}")
+    plan.validate()
     p = next(t for t in model.parameters() if t.is_floating_point())
     tokens = tokens_of(example)
     before, after = plan_seconds(model, plan, LatencyTable(p.device, p.dtype, tokens))
