@@ -327,8 +327,10 @@ def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_
         teacher = _hidden_states(model, heal, forward_fn) if heal_steps and heal_loss is None else []
     plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn,
                          objective=objective, fit=fit)
-    with eval_no_grad(model):
-        _, reference = measure(model, sites, batches, forward_fn, {})
+    reference = None
+    if heal_steps:
+        with eval_no_grad(model):
+            _, reference = measure(model, sites, batches, forward_fn, {})
     collapse_(model, plan)
     err = plan.measured_error
     changing = [sp for sp in plan.sites if sp.changes]

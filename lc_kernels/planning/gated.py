@@ -46,7 +46,10 @@ from .inputs import run_model
 FITS = ("local", "global")
 # Rows of each site's dense inputs the estimate pass uses (the fit pass uses every row): the
 # candidates' errors only rank widths, and the Gram matrix costs rows x (h + d)^2.
-ESTIMATE_ROWS = 4096
+ESTIMATE_ROWS = 2048
+# Rows that rank a site's channels (the scores need [x,1]^T h and sum h^2: a sample ranks them as
+# well as every row, at a fraction of the cost; the fit itself uses every row).
+SCREEN_ROWS = 4096
 # Kept-width candidates per site: where a PARTIAL removes these fractions of the block's FLOPs.
 FRACTIONS = tuple(k / 20 for k in range(1, 20))
 
@@ -161,7 +164,11 @@ class GatedStats:
             gxx = torch.zeros(s.d + 1, s.d + 1, dtype=torch.float64, device=dev)
             gxh = torch.zeros(s.d + 1, s.h, dtype=torch.float64, device=dev)
             hh = torch.zeros(s.h, dtype=torch.float64, device=dev)
+            left = SCREEN_ROWS
             for x in self.xs:
+                if left <= 0:
+                    break
+                x, left = x[:left], left - min(left, x.shape[0])
                 a, h = with_ones(x), self._hidden(x)
                 gxx += a.T @ a
                 gxh += a.T @ h
@@ -220,17 +227,20 @@ class GatedStats:
         residual of a prefix is ``||T||^2 - ||L^-1 A^T T||^2`` over that prefix (ridge toward 0: an
         estimate that ranks widths)."""
         s = self.site
-        order = self.order()
-        n = s.d + 1 + s.h
+        n, d1 = s.d + 1 + s.h, s.d + 1
         g = torch.zeros(n, n, dtype=torch.float64, device=s.wd.device)
         aty = torch.zeros(n, s.d_out, dtype=torch.float64, device=s.wd.device)
         tt = 0.0
         for x, t in zip(self.xs, self.ts):
-            a = torch.cat([with_ones(x), self._hidden(x)[:, order]], dim=1)
+            a = torch.cat([with_ones(x), self._hidden(x)], dim=1)
             t = t.to(torch.float64)
             g += a.T @ a
             aty += a.T @ t
             tt += float(t.pow(2).sum())
+        if self._screen is None:  # the same rows: the screening statistics are blocks of this Gram
+            self._screen = g[:d1, :d1].clone(), g[:d1, d1:].clone(), torch.diagonal(g)[d1:].clone()
+        perm = torch.cat([torch.arange(d1, device=g.device), d1 + self.order().to(g.device)])
+        g, aty = g[perm][:, perm], aty[perm]
         lam = ridge * float(torch.diagonal(g).mean()) or 1.0
         chol = torch.linalg.cholesky(g + lam * torch.eye(n, dtype=g.dtype, device=g.device))
         z2 = torch.linalg.solve_triangular(chol, aty, upper=False).pow(2).sum(1).cumsum(0)
@@ -282,6 +292,7 @@ class SiteStream:
         self.kind = "layer-by-layer" if found is not None else "whole-model passes"
         self.modules = {i: s.module for i, s in enumerate(sites)}
         self.passes = 0
+        self._stream: BlockStream | None = None
 
     def sweep(self, visit, global_target: bool = False):
         """For each site in forward order: ``visit(i, rows) -> replacement or None``, where ``rows`` is
@@ -293,8 +304,10 @@ class SiteStream:
         return self._sweep_model(visit)
 
     def _sweep_blocks(self, visit, global_target: bool):
-        stream = BlockStream(self.model, self.blocks, self.batches, self.forward_fn)
-        self.passes += 1
+        if self._stream is None:  # the dense capture serves every sweep: kwargs and the first block's inputs
+            self._stream = BlockStream(self.model, self.blocks, self.batches, self.forward_fn)
+            self.passes += 1
+        stream = self._stream
         site_at = {b: i for i, b in enumerate(self.block_of)}
         x_c = stream.inputs
         x_d = list(x_c) if global_target else None
