@@ -282,10 +282,14 @@ def test_compress_generate_and_heal_with_user_loss():
         out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
         return out.loss
 
-    report = lc.compress(m, data, target=0.5, heal_steps=4, heal_loss=lm_loss, heal_lr=1e-4, progress=False)
+    plain = copy.deepcopy(m)
+    lc.compress(plain, data, target=0.5, progress=False)
+    report = lc.compress(m, data, target=0.5, heal_steps=4, heal_loss=lm_loss, heal_lr=1e-3, progress=False)
     assert len(calls) == 4 and report.heal_steps == 4
     assert report.flops_removed >= 0.5
-    assert report.final_error <= report.steps[-1].model_error + 1e-12  # a worse round is undone
+    with torch.no_grad():  # a round that raises the user's loss on heal_data is undone
+        loss = lambda mod: sum(float(mod(input_ids=b["input_ids"], labels=b["input_ids"]).loss) for b in data)  # noqa
+        assert loss(m) <= loss(plain) + 1e-6
     assert "PARTIAL" in str(report) or "LINEAR" in str(report)
     out = m.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
