@@ -293,3 +293,53 @@ def test_compress_generate_and_heal_with_user_loss():
     assert "PARTIAL" in str(report) or "LINEAR" in str(report)
     out = m.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
+
+
+class _W123(nn.Module):
+    """The generic naming: ``w2(silu(w1 x) * w3 x)`` (Mixtral experts, many reference codes)."""
+
+    def __init__(self, d=16, h=40):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False), nn.Linear(d, h, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def test_generic_w1_w2_w3_naming_and_biases():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(_W123()), _Block(_W123()))
+    x = torch.randn(6, 16)
+    ref = model(x)
+    sites = lc.prepare_(model)
+    assert list(sites) == ["0.mlp", "1.mlp"]
+    assert model[0].mlp.gate_proj is not None and model[0].mlp.act.base == "silu"
+    assert rel(model(x), ref) <= 1e-6
+    m = tiny("llama", mlp_bias=True)  # gate, up and down with biases
+    ids = calib(1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    lc.prepare_(m)
+    assert m.model.layers[0].mlp.gate_proj.bias is not None
+    with torch.no_grad():
+        assert rel(m(input_ids=ids).logits, ref) <= 1e-6
+    plan = lc.plan_collapse(m, calib=calib(), target=0.5)
+    lc.collapse_(m, plan)
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=ids).logits).all()
+
+
+def test_max_error_is_honoured_as_measured():
+    m = tiny("llama")
+    lc.prepare_(m)
+    data = calib()
+    loose = lc.plan_collapse(m, calib=data, target=0.5)
+    bound = 0.5 * loose.measured_error
+    plan = lc.plan_collapse(m, calib=data, max_error=bound)
+    assert plan.measured_error <= bound
+    dense = copy.deepcopy(m)
+    lc.collapse_(m, plan)
+    d2 = sum(float((final_hidden(m, b["input_ids"]).double() - final_hidden(dense, b["input_ids"]).double())
+                   .pow(2).sum()) for b in data)
+    y2 = sum(float(final_hidden(dense, b["input_ids"]).double().pow(2).sum()) for b in data)
+    assert math.sqrt(d2 / y2) <= bound * (1 + 1e-6)
