@@ -101,19 +101,6 @@ def _alpha(act: nn.Module) -> torch.Tensor:
         return act.alpha
 
 
-def _pair(x: torch.Tensor, fc1: nn.Linear, alpha: torch.Tensor | None, act: str, fc2: nn.Linear,
-          skip: nn.Linear | None = None) -> torch.Tensor:
-    """``fc2(sigma_alpha(fc1(x)))`` (``+ skip(x)`` for PARTIAL) through the ops, unchecked.
-
-    ``mlp_act`` holds the plan rule (fused kernel or two GEMMs, :func:`~..ops.prefer_fused_mlp`).
-    PARTIAL always runs two GEMMs so that ``fc2`` accumulates onto the skip's output.
-    """
-    w1, b1 = _weight_bias(fc1)
-    if skip is None:
-        return mlp_act(x, w1, b1, alpha, act, *_weight_bias(fc2))
-    return _skip_plus(x, skip, linear_act(x, w1, b1, alpha, act), fc2)
-
-
 def _skip_plus(x: torch.Tensor, skip: nn.Linear, h: torch.Tensor, fc2: nn.Linear) -> torch.Tensor:
     """``skip(x) + fc2(h)`` of a PARTIAL block, ``fc2`` accumulated onto the skip's output.
 
@@ -254,10 +241,10 @@ class LCFusedMLP(nn.Module):
             check_input(x, self.in_features, "LCFusedMLP", w)
             return linear_act(x, w, b)
         fc1, fc2 = mods["fc1"], mods["fc2"]
-        w1 = _weight_bias(fc1)[0]
+        w1, b1 = _weight_bias(fc1)
         check_input(x, self.in_features, "LCFusedMLP", w1)
         if form == "factored":
-            return _pair(x, fc1, None, "identity", fc2)
+            return mlp_act(x, w1, b1, None, "identity", *_weight_bias(fc2))
         act = mods["act"]
         skip = mods.get("skip") if form == "partial" else None
         norm, drop = mods.get("norm"), mods.get("drop")
@@ -265,7 +252,11 @@ class LCFusedMLP(nn.Module):
             # BatchNorm / live dropout sit between the GEMMs: no fused form, run the modules.
             h = joint_forward(fc1(x), act, norm, self.norm_pre, drop)
             return fc2(h) if skip is None else _skip_plus(x, skip, h, fc2)
-        return _pair(x, fc1, _alpha(act), act.base, fc2, skip)
+        if skip is not None:
+            # PARTIAL: two GEMMs on every path, so that fc2 accumulates onto the skip's output.
+            return _skip_plus(x, skip, linear_act(x, w1, b1, _alpha(act), act.base), fc2)
+        # mlp_act holds the plan rule: on CUDA the fused kernel or two GEMMs (prefer_fused_mlp).
+        return mlp_act(x, w1, b1, _alpha(act), act.base, *_weight_bias(fc2))
 
     def extra_repr(self) -> str:
         s = f"in={self.in_features}, hidden={self.hidden_features}, out={self.out_features}, form={self.form!r}"

@@ -121,8 +121,22 @@ def _op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Op
     return y.reshape(*x.shape[:-1], w2.shape[0])
 
 
-def _run(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str,
-         w2: torch.Tensor, b2: Optional[torch.Tensor], choose_plan: bool) -> torch.Tensor:
+def mlp_act(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    act: str,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    choose_plan: bool = True,
+) -> torch.Tensor:
+    """The pair ``sigma_alpha(x @ w1.T + b1) @ w2.T + b2`` without operand checks, for the modules.
+
+    Callers checked the operands already (``nn/`` modules: weights when built, ``x`` in forward).
+    With ``choose_plan`` (the modules), :func:`~.dispatch.prefer_fused_mlp` chooses on CUDA
+    between the fused kernel and two GEMMs; without it (the public op) the fused op runs.
+    """
     if torch.compiler.is_exporting():
         # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
         # nor a translation for its ops (torch.compile still sees the op and its kernels).
@@ -133,29 +147,12 @@ def _run(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: O
             return linear_act(linear_act(x, w1, b1, alpha, act), w2, b2)
     if torch.compiler.is_compiling():
         return _op(x, w1, b1, alpha, act, w2, b2)
-    if not dispatch.use_triton(x) and not needs_autograd(x, w1, b1, alpha, w2, b2):
+    if dispatch.kernel_path(x) == dispatch.ATEN and not needs_autograd(x, w1, b1, alpha, w2, b2):
         # Inference on CPU: the CPU kernel's arithmetic, no custom-op dispatch, nothing saved.
         return F.linear(cpu_linear_act(x, w1, b1, alpha, act), w2, b2)
     # The fused Triton kernel, or with autograd one node that saves x (not the hidden tensor)
     # and recomputes the hidden tensor backward.
     return _op(x, w1, b1, alpha, act, w2, b2)
-
-
-def mlp_act(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    alpha: Optional[torch.Tensor],
-    act: str,
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """The pair ``sigma_alpha(x @ w1.T + b1) @ w2.T + b2`` without operand checks, for the modules.
-
-    Callers checked the operands already (``nn/`` modules: weights when built, ``x`` in forward).
-    On CUDA :func:`~.dispatch.prefer_fused_mlp` chooses between the fused kernel and two GEMMs.
-    """
-    return _run(x, w1, b1, alpha, act, w2, b2, True)
 
 
 def fused_mlp(
@@ -177,4 +174,4 @@ def fused_mlp(
         TypeError, ValueError: on operands that do not fit, saying what to change.
     """
     check_operands("fused_mlp", x, [("w1", w1, "b1", b1), ("w2", w2, "b2", b2)], alpha, act)
-    return _run(x, w1, b1, alpha, act, w2, b2, False)
+    return mlp_act(x, w1, b1, alpha, act, w2, b2, choose_plan=False)
