@@ -27,7 +27,7 @@ setup(
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "scikit-learn>=1.3", "tqdm>=4.60",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
-        "integrations": ["timm>=0.9", "transformers>=4.40", "matplotlib>=3.7", "scikit-learn>=1.3", "tqdm>=4.60"],
+        "integrations": ["timm>=0.9", "transformers>=4.40", "accelerate>=0.30", "matplotlib>=3.7", "scikit-learn>=1.3", "tqdm>=4.60"],
     },
     entry_points={"console_scripts": ["lc-kernels=lc_kernels.cli:main"]},
 )

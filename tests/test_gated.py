@@ -343,3 +343,23 @@ def test_max_error_is_honoured_as_measured():
                    .pow(2).sum()) for b in data)
     y2 = sum(float(final_hidden(dense, b["input_ids"]).double().pow(2).sum()) for b in data)
     assert math.sqrt(d2 / y2) <= bound * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_offloaded_model_plans_and_collapses_like_the_loaded_one(kind):
+    """accelerate's cpu_offload keeps weights on meta until a hook loads them: the layer-by-layer
+    calibration runs through those hooks and gives the same plan and model."""
+    accelerate = pytest.importorskip("accelerate")
+    m = tiny(kind)
+    lc.prepare_(m)
+    ref = copy.deepcopy(m)
+    accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
+    assert any(p.is_meta for p in m.parameters())
+    ids = calib()[0]["input_ids"]
+    assert rel(final_hidden(m, ids), final_hidden(ref, ids)) == 0.0
+    plan, plan_ref = (lc.plan_collapse(x, calib=calib(), target=0.5) for x in (m, ref))
+    assert plan.measured_error == pytest.approx(plan_ref.measured_error, rel=1e-9)
+    assert [s.decision for s in plan] == [s.decision for s in plan_ref]
+    lc.collapse_(m, plan)
+    lc.collapse_(ref, plan_ref)
+    assert rel(final_hidden(m, ids), final_hidden(ref, ids)) <= 1e-6

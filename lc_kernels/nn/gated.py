@@ -42,9 +42,17 @@ def _check_linear(m: object, what: str) -> nn.Linear:
 
 
 def gated_hidden(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, act: CollapsibleActivation) -> torch.Tensor:
-    """``act(gate x) * up x`` for separate gate and up Linears (the uncollapsed Llama layout)."""
-    g, u = F.linear(x, gate.weight, gate.bias), F.linear(x, up.weight, up.bias)
+    """``act(gate x) * up x`` for separate gate and up Linears (the uncollapsed Llama layout).
+
+    The Linears are called as modules (the same aten op as ``F.linear``) so that hooks on them run:
+    accelerate's offloading hooks load their weights only inside their own forward.
+    """
+    g, u = gate(x), up(x)
     return act(g).mul_(u) if not torch.is_grad_enabled() else act(g) * u
+
+
+def _hooked(m: nn.Module) -> bool:
+    return getattr(m, "_hf_hook", None) is not None
 
 
 class LCGatedMLP(nn.Module):
@@ -131,6 +139,9 @@ class LCGatedMLP(nn.Module):
         """``act(gate x) * up x``, the gated channels (kept channels once PARTIAL)."""
         if self.packed:
             gu = self.gate_up_proj
+            if _hooked(gu) or _hooked(self.act):  # offloaded: its weights exist only inside its own forward
+                g, u = gu(x).chunk(2, dim=-1)
+                return self.act(g) * u
             return ops.fused_gated_linear(x, gu.weight, gu.bias, self.act.base, self.act.alpha)
         return gated_hidden(x, self.gate_proj, self.up_proj, self.act)
 
@@ -146,7 +157,7 @@ class LCGatedMLP(nn.Module):
             return self._skip(x, self.skip.bias)
         h = self.hidden(x)
         if self.form == "gated":
-            return F.linear(h, self.down_proj.weight, self.down_proj.bias)
+            return self.down_proj(h)
         # PARTIAL: the skip writes the output with the block's bias, down_proj accumulates onto it
         # (BLAS beta = 1): no third buffer, no separate add pass.
         y = self._skip(x, self.down_proj.bias)

@@ -18,6 +18,7 @@ from .options import PlanOptions
 from .plan import (DECISIONS, FACTOR, GATED_DECISIONS, KEEP, LINEAR, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan,
                    SitePlan)
 from .gated import gated_sites, plan_gated
+from .layerwise import is_offloaded
 from .sites import Site, collapsible_sites, find_sites
 from .threshold import build_site_plan, plan_site
 
@@ -77,7 +78,7 @@ def plan_collapse(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan_collapse expects an nn.Module, got {type(model).__name__}")
-    if any(t.is_meta for t in model.parameters()):
+    if any(t.is_meta for t in model.parameters()) and not is_offloaded(model):
         raise ValueError("plan_collapse got a model on the meta device (its slopes and weights hold no values to "
                          "plan from); materialise and load it first (e.g. model.to_empty(device='cpu') and "
                          "load_state_dict)")

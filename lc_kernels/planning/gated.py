@@ -39,7 +39,7 @@ from ..algebra import Affine, FIT_RIDGE, ridge_fit, with_ones
 from ..nn.gated import LCGatedMLP
 from ..ops.reference import collapsible_activation
 from .inputs import Batch, ForwardFn
-from .layerwise import BlockStream, _Measure, _Stop, find_blocks, relative_error, site_hooks
+from .layerwise import BlockStream, _Measure, _Stop, find_blocks, materialized, relative_error, site_hooks
 from .plan import KEEP, LINEAR, PARTIAL, CollapsePlan, JointPlan, SitePlan
 from .inputs import run_model
 
@@ -72,9 +72,17 @@ class GatedSite:
     wd: torch.Tensor
     bd: torch.Tensor
 
+    dtype: torch.dtype = torch.float32  # the module's: replacements are cast to it once
+
     @classmethod
     def of(cls, m: LCGatedMLP, path: str) -> "GatedSite":
-        f64 = lambda t: t.detach().to(torch.float64)  # noqa: E731
+        """The float64 view of ``m`` (offloaded weights are loaded for the copy, then released)."""
+        with materialized(m):
+            return cls._of(m, path)
+
+    @classmethod
+    def _of(cls, m: LCGatedMLP, path: str) -> "GatedSite":
+        f64 = lambda t: t.detach().to(torch.float64).clone()  # noqa: E731
         if m.packed:
             w, b = m.gate_up_proj.weight, m.gate_up_proj.bias
             h = w.shape[0] // 2
@@ -88,7 +96,7 @@ class GatedSite:
         return cls(path, m, m.in_features, h, m.out_features, m.act.base, f64(m.act.alpha), f64(wg),
                    f64(bg) if bg is not None else zeros(h), f64(wu), f64(bu) if bu is not None else zeros(h),
                    f64(m.down_proj.weight), f64(m.down_proj.bias) if m.down_proj.bias is not None
-                   else zeros(m.out_features))
+                   else zeros(m.out_features), m.down_proj.weight.dtype)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``act(g) * u`` in float64, every channel."""
@@ -249,7 +257,7 @@ class GatedStats:
 
 def build_module(site: GatedSite, kept: torch.Tensor, fit: Affine) -> LCGatedMLP:
     """The PARTIAL (``kept`` non-empty) or LINEAR replacement of ``site``, cast once to its dtype."""
-    like = site.module.down_proj.weight
+    like = torch.empty(0, dtype=site.dtype, device=site.wd.device)
     k = int(kept.numel())
     spec = {**site.module.spec(), "form": "partial" if k else "linear", "kept": k, "rank": None}
     if k and site.alpha.numel() == 1:

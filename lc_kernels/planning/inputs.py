@@ -155,6 +155,11 @@ def calib_batches(
     if not params:
         raise ValueError("the model has no parameters to calibrate")
     device = params[0].device
+    if device.type == "meta" and any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        # offloaded by accelerate: inputs go where its hooks compute
+        device = next((torch.device(h.execution_device) for m in model.modules()
+                       if (h := getattr(m, "_hf_hook", None)) is not None
+                       and getattr(h, "execution_device", None) is not None), torch.device("cpu"))
     if device.type == "meta":
         raise ValueError("the model is on the meta device (no weights); load or materialise its weights "
                          "(e.g. model.to_empty(device='cpu') and load a state dict) before calibrating")

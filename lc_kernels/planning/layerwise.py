@@ -14,7 +14,7 @@ give the same fits (tests check ``<= 1e-6`` in float64).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -56,6 +56,38 @@ def site_hooks(sites: dict[int, nn.Module], batch_of: Callable[[], Batch], obser
     finally:
         for h in handles:
             h.remove()
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """True when accelerate hooks hold (some of) the model's weights elsewhere (``cpu_offload``,
+    ``dispatch_model`` with a device map): they are meta until a hook loads them for a forward."""
+    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its hooks' execution device, else its first real parameter's device."""
+    for m in model.modules():
+        dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    p = next((t for t in model.parameters() if not t.is_meta), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextmanager
+def materialized(module: nn.Module) -> Iterator[None]:
+    """Within: every offloaded weight of ``module`` is loaded on its execution device (accelerate's
+    ``align_module_device`` on each hooked submodule); a plain module is left as it is."""
+    hooked = [m for m in module.modules() if getattr(m, "_hf_hook", None) is not None]
+    if not hooked:
+        yield
+        return
+    from accelerate.utils import align_module_device  # only ever reached when accelerate hooks exist
+
+    with ExitStack() as stack:
+        for m in hooked:
+            stack.enter_context(align_module_device(m))
+        yield
 
 
 def output_point(model: nn.Module) -> nn.Module | None:
@@ -221,4 +253,5 @@ def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(args), kw
 
 
-__all__ = ["BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error"]
+__all__ = ["BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
+           "execution_device", "materialized"]

@@ -15,6 +15,7 @@ from ..planning.calibration import eval_no_grad
 from ..planning.cost import partial_conflict
 from ..planning.fitting import fit_sequential, site_decisions
 from ..planning.gated import GatedSite, SiteStream, fit_plan
+from ..planning.layerwise import is_offloaded, materialized
 from ..planning.inputs import calib_batches
 from ..planning.sites import site_of
 from .atomic import atomic
@@ -87,7 +88,7 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"collapse_ expects an nn.Module, got {type(model).__name__}")
-    if any(t.is_meta for t in model.parameters()):
+    if any(t.is_meta for t in model.parameters()) and not is_offloaded(model):
         raise ValueError("collapse_ got a model on the meta device (no weights to merge); materialise and load it first")
     if plan is None:
         plan = plan_collapse(model, calib=calib, forward_fn=forward_fn, force=force, **plan_kwargs)
@@ -159,7 +160,8 @@ def collapse_gated_(model: nn.Module, plan: CollapsePlan, *, calib: object = Non
         if len(sp.joints) != 1 or sp.joints[0].decision not in GATED_DECISIONS:
             got = [j.decision for j in sp.joints]
             raise ValueError(f"plan site {sp.path!r}: a gated site has one joint decided {GATED_DECISIONS}, got {got}")
-        _check_alphas(m, sp)
+        with materialized(m):
+            _check_alphas(m, sp)
         mods.append(m)
     changing = [(m, sp) for m, sp in zip(mods, plan.sites) if sp.changes]
     fitted = dict(plan.fitted)
