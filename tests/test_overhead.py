@@ -166,6 +166,21 @@ def test_alpha_written_behind_autograds_back_is_seen():
         assert torch.equal(m(x), seq(x))
 
 
+def test_alpha_is_zero_reads_the_current_memory():
+    is_zero = fused_linear_op.alpha_is_zero
+    a = nn.Parameter(torch.zeros(64))
+    assert is_zero(a)
+    with torch.no_grad():
+        a[63] = 1e-30  # one channel off zero
+    assert not is_zero(a)
+    a.data = torch.zeros(64)  # new storage, version counter untouched
+    assert is_zero(a)
+    assert is_zero(torch.zeros(3, dtype=torch.bfloat16)) and not is_zero(torch.ones(3, dtype=torch.bfloat16))
+    assert not is_zero(torch.zeros(8)[::2])  # not contiguous: the general formula runs
+    assert not is_zero(torch.tensor([-0.0]))  # -0.0 too (still correct, one pass more)
+    assert not is_zero(torch.tensor([float("nan")]))
+
+
 def test_partial_accumulates_fc2_onto_the_skip():
     """PARTIAL: skip GEMM writes the output, fc2's GEMM adds into it (addmm_), no separate add."""
     m = _partial()

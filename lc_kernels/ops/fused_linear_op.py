@@ -18,7 +18,6 @@ and whose forward checks the input.
 * ``torch.compile``: the op decomposes into its body (see :mod:`.launch`), so Inductor sees the
   Triton kernel on CUDA and the reference's aten ops elsewhere, which it fuses into its loops.
 """
-import ctypes
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -87,24 +86,48 @@ def _body(
 op = launch.define_op("lc_kernels::fused_linear", _body)
 
 
+# Per slope memory (address, bytes): a memoryview of it and the all-zero bytes to compare with.
+# The view holds the storage alive, so an address seen again is the same memory; the bytes are
+# read on every call, so writes that skip autograd's version counter (``alpha.data.fill_(1)``)
+# are seen too. Reading costs no aten call (``bool((alpha == 0).all())`` is two, and a host
+# sync on CUDA) and less than ctypes or a numpy reduction, measured between the GEMMs.
+_ZERO_VIEWS: dict[tuple[int, int], tuple[memoryview, bytes]] = {}
+_MAX_VIEWS = 4096
+
+
+def _zero_view(alpha: torch.Tensor, key: tuple[int, int]) -> tuple[memoryview, bytes] | None:
+    try:
+        view = memoryview(alpha.detach().view(torch.uint8).numpy())
+    except (TypeError, RuntimeError):  # no numpy, or a tensor numpy cannot view
+        return None
+    if len(_ZERO_VIEWS) >= _MAX_VIEWS:  # slopes of dropped models: forget them all at once
+        _ZERO_VIEWS.clear()
+    _ZERO_VIEWS[key] = entry = (view, bytes(key[1]))
+    return entry
+
+
 def alpha_is_zero(alpha: torch.Tensor) -> bool:
     """Whether every slope is +0.0 (``sigma_alpha`` is its base activation), read from memory.
 
-    Reads the bytes on every call, so writes that skip autograd's version counter
-    (``alpha.data.fill_(1)``) are seen; no aten call (``bool((alpha == 0).all())`` is two, and a
-    host sync on CUDA; a numpy view's ``any()`` between the GEMMs measured several times slower).
     Contiguous plain CPU tensors only: anything else (and -0.0) answers False, and the general
     formula runs.
     """
     cls = type(alpha)
-    if (cls is not torch.nn.Parameter and cls is not torch.Tensor) or not alpha.is_cpu or not alpha.is_contiguous():
+    if (cls is not torch.nn.Parameter and cls is not torch.Tensor) or not alpha.is_cpu:
         return False
     try:
-        ptr = alpha.data_ptr()
+        key = (alpha.data_ptr(), alpha.nbytes)
     except RuntimeError:  # no storage to read (fake, functional, meta-like tensors)
         return False
-    n = alpha.numel() * alpha.element_size()
-    return ptr != 0 and n != 0 and ctypes.string_at(ptr, n) == bytes(n)
+    entry = _ZERO_VIEWS.get(key)
+    if entry is None:
+        if key[0] == 0 or key[1] == 0 or not alpha.is_contiguous():
+            return False
+        entry = _zero_view(alpha, key)
+        if entry is None:
+            return False
+    view, zeros = entry
+    return view.tobytes() == zeros
 
 
 # base(z) in place through the bindings nn.ReLU / nn.GELU / nn.SiLU themselves call: one aten call
