@@ -11,13 +11,14 @@ One command: ``python benchmarks/overhead.py [--quick] [--threads 2] [--markdown
    entry ``linear_act``, and the interpolation written in plain aten ops (the reference).
 
 Every row's providers are timed in the same interleaved rounds (``lc_kernels.timing``), each call
-on the next of a few inputs; the ratio's spread is q1/q3 to q3/q1 over the rounds.
+on the next of a few inputs; the ratio's spread is q1/q3 to q3/q1 over the rounds. On a machine
+whose cores are busy with other work, use ``--threads 1``: with 2 OpenMP threads and a load above
+the core count, small calls wait milliseconds on descheduled threads (results/overhead-cpu-*.md).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import shlex
 import sys
 from pathlib import Path
