@@ -302,6 +302,11 @@ class SiteStream:
         self.passes = 0
         self._stream: BlockStream | None = None
 
+    @property
+    def reference(self) -> list[torch.Tensor] | None:
+        """The dense model's outputs on calib, when a block capture has measured them."""
+        return None if self._stream is None else self._stream.reference
+
     def sweep(self, visit, global_target: bool = False):
         """For each site in forward order: ``visit(i, rows) -> replacement or None``, where ``rows`` is
         a list per batch of ``(x, y, target)`` on the current stream (``target`` is the dense
@@ -329,13 +334,14 @@ class SiteStream:
             seen: list[tuple[torch.Tensor, torch.Tensor, Batch]] = []
             with site_hooks(self.modules, stream.batch, observe={i: lambda x, y, b: seen.append((x, y, b))}):
                 out_c = stream.run(j, x_c)
+            additive = self._additive(stream, i, j, x_c[0], seen[0], out_c[0])
             rows = []
             if x_d is not None:
                 out_d = stream.run(j, x_d)
                 for (x, y, b), oc, od in zip(seen, out_c, out_d):
                     # block output = stream before + FFN output: the FFN that reproduces the dense stream
                     # after the block outputs y + (dense - current).
-                    t = y + (od - oc) if oc.shape == y.shape else None
+                    t = y + (od - oc) if additive else None
                     rows.append((b.rows(x), b.rows(y), None if t is None else b.rows(t), b.rows(od)))
                 x_d = out_d
             else:
@@ -343,11 +349,31 @@ class SiteStream:
             new = visit(i, rows)
             if new is None:
                 x_c = out_c
+            elif additive:  # the block adds its FFN's output last: swap it without running the block again
+                x_c = [oc - y + new(x).to(y.dtype) for (x, y, _), oc in zip(seen, out_c)]
             else:
                 with site_hooks(self.modules, stream.batch, replace={i: new}):
                     x_c = stream.run(j, x_c)
-        self.passes += 0  # block runs are counted by the stream
         return stream
+
+    def _additive(self, stream: BlockStream, i: int, j: int, x: torch.Tensor, seen: tuple, out: torch.Tensor) -> bool:
+        """Whether block ``j`` outputs ``stream + FFN(...)`` with nothing after the FFN (Llama, Qwen2,
+        Phi-3; not Gemma 2/3, whose FFN output is normalised first): a random change of the FFN's
+        output on the first batch must show unchanged in the block's output."""
+        y = seen[1]
+        g = torch.Generator(device="cpu").manual_seed(j)
+        # as large as the stream itself, so float rounding of the sum stays far below the change
+        delta = (torch.randn(y.shape, generator=g, dtype=torch.float32) * float(out.float().std() + 1e-3)).to(y)
+        batches = stream.batches
+        stream.batches = batches[:1]
+        try:
+            with site_hooks(self.modules, stream.batch, replace={i: lambda v: y + delta}):
+                got = stream.run(j, [x])[0]
+        finally:
+            stream.batches = batches
+            stream.block_runs -= 1
+        tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(y.dtype, 3e-2)
+        return bool(((got - out) - delta).norm() <= tol * delta.norm())
 
     def _sweep_model(self, visit):
         replace: dict[int, nn.Module] = {}
@@ -541,7 +567,7 @@ def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches:
     notes = []
     for attempt in range(4):
         fitted, channels, errors = fit_plan(eng, kept, fit)
-        measured, ref = measure(model, sites, batches, opts.forward_fn, fitted)
+        measured, ref = measure(model, sites, batches, opts.forward_fn, fitted, eng.reference)
         if opts.max_error is None or opts.target is not None or measured <= opts.max_error or not fitted:
             break
         # The estimate ranks; the sequential fit measures. Over the bound: give back the site whose

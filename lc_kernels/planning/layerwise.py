@@ -194,15 +194,10 @@ class BlockStream:
                 # Only the first block's hidden states are kept: later ones are recomputed as the
                 # stream moves (holding every block's would cost depth x the activations).
                 self.calls[j].append(_without_hidden(args, kwargs))
-                if j == len(blocks) - 1:
-                    raise _Stop
             hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
         try:
-            for k, b in enumerate(batches):
-                try:
-                    run_model(model, b, k, forward_fn)
-                except _Stop:
-                    pass
+            # The capture pass runs on to the output point: the dense reference comes with it.
+            self.reference = _Measure(model, forward_fn).run(batches)
         finally:
             for h in hooks:
                 h.remove()
