@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .integrations.gated import gated_layout
 from .nn.gated import LCGatedMLP
 from .nn.mlp import LCChain, LCFusedMLP
 from .planning import CollapsePlan, plan_collapse
@@ -255,7 +256,10 @@ def compress(
     if heal_loss is not None and not callable(heal_loss):
         raise TypeError(f"heal_loss must be a function heal_loss(model, batch) -> scalar loss, got "
                         f"{type(heal_loss).__name__}")
-    with atomic(model, "compress"):
+    # Gated sites are swapped for new modules and healing trains only those: no weight of the model
+    # is written in place, so the transaction need not copy the model's weights (a model's size).
+    gated = any(isinstance(m, LCGatedMLP) or gated_layout(m) is not None for m in model.modules())
+    with atomic(model, "compress", values=not gated):
         prepared = []
         if not any(isinstance(m, (LCFusedMLP, LCChain, LCGatedMLP)) for m in model.modules()):
             sites = prepare_(model)

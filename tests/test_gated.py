@@ -363,3 +363,24 @@ def test_offloaded_model_plans_and_collapses_like_the_loaded_one(kind):
     lc.collapse_(m, plan)
     lc.collapse_(ref, plan_ref)
     assert rel(final_hidden(m, ids), final_hidden(ref, ids)) <= 1e-6
+
+
+def test_compress_of_an_llm_is_all_or_nothing_without_copying_its_weights():
+    """A failure late in compress (here: the user's healing loss) restores the model exactly; the
+    transaction holds the structure by reference and copies no weight (none is written in place)."""
+    m = tiny("llama")
+    ids = calib(1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    params = {n: p for n, p in m.named_parameters()}
+    state = {n: p.detach().clone() for n, p in params.items()}
+
+    def boom(model, batch):
+        raise RuntimeError("user loss failed")
+
+    with pytest.raises(RuntimeError, match="restored as it was"):
+        lc.compress(m, calib(), target=0.5, heal_steps=2, heal_loss=boom, progress=False)
+    assert not any(isinstance(x, LCGatedMLP) for x in m.modules())
+    assert all(p is params[n] and torch.equal(p, state[n]) for n, p in m.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ref)

@@ -40,7 +40,7 @@ PROBE_TOL = 1e-4
 FFN_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
 
 
-def _layout(m: nn.Module) -> tuple[str, str | None, str, str | None] | None:
+def gated_layout(m: nn.Module) -> tuple[str, str | None, str, str | None] | None:
     names = set(m._modules)
     for gate, up, down in LAYOUTS:
         need = {gate, down} | ({up} if up else set())
@@ -86,14 +86,14 @@ def _probe(m: nn.Module, new: LCGatedMLP) -> str | None:
 
 def gated_ffn_handler(module: nn.Module, path: str, opts: PrepareOptions) -> None:
     """Convert the gated-FFN children of ``module`` into :class:`LCGatedMLP` (see the module docs)."""
-    if not path and _layout(module) is not None:
+    if not path and gated_layout(module) is not None:
         opts.result.skipped.append(("", "the model itself is a gated FFN and cannot be replaced in place; use "
                                         "LCGatedMLP.from_modules(m.gate_proj, m.up_proj, m.down_proj, m.act_fn)"))
         return
     for name, child in list(module.named_children()):
         if isinstance(child, (LCGatedMLP, LCFusedMLP, LCChain)):
             continue
-        lay = _layout(child)
+        lay = gated_layout(child)
         site = join(path, name)
         if lay is None:
             continue

@@ -54,49 +54,40 @@ SCREEN_ROWS = 4096
 FRACTIONS = tuple(k / 20 for k in range(1, 20))
 
 
-@dataclass
+_WEIGHTS = ("alpha", "wg", "bg", "wu", "bu", "wd", "bd")
+
+
 class GatedSite:
-    """A read-only view of an uncollapsed LCGatedMLP in float64."""
+    """A read-only view of an uncollapsed LCGatedMLP: its widths now, its float64 weights on demand.
 
-    path: str
-    module: LCGatedMLP
-    d: int
-    h: int
-    d_out: int
-    base: str
-    alpha: torch.Tensor
-    wg: torch.Tensor
-    bg: torch.Tensor
-    wu: torch.Tensor
-    bu: torch.Tensor
-    wd: torch.Tensor
-    bd: torch.Tensor
+    The float64 copies (``wg``, ``bg``, ``wu``, ``bu``, ``wd``, ``bd``, ``alpha``) are made when first
+    read and dropped by :meth:`release`: a sweep holds one site's copy at a time, not the depth's.
+    """
 
-    dtype: torch.dtype = torch.float32  # the module's: replacements are cast to it once
+    def __init__(self, m: LCGatedMLP, path: str):
+        self.path, self.module = path, m
+        self.d, self.h, self.d_out = m.in_features, m.hidden_features, m.out_features
+        self.base = m.act.base
+        self.n_alphas = m.act.num_parameters
+        self.bias = m.spec()["bias"]
+        self.dtype = m.down_proj.weight.dtype  # replacements are cast to it once
+        self._w: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def of(cls, m: LCGatedMLP, path: str) -> "GatedSite":
-        """The float64 view of ``m`` (offloaded weights are loaded for the copy, then released)."""
-        with materialized(m):
-            return cls._of(m, path)
+        return cls(m, path)
 
-    @classmethod
-    def _of(cls, m: LCGatedMLP, path: str) -> "GatedSite":
-        f64 = lambda t: t.detach().to(torch.float64).clone()  # noqa: E731
-        if m.packed:
-            w, b = m.gate_up_proj.weight, m.gate_up_proj.bias
-            h = w.shape[0] // 2
-            wg, wu = w[:h], w[h:]
-            bg, bu = (b[:h], b[h:]) if b is not None else (None, None)
-        else:
-            wg, wu, bg, bu = m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias
-        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=w_dev)  # noqa: E731
-        w_dev = wg.device
-        h = wg.shape[0]
-        return cls(path, m, m.in_features, h, m.out_features, m.act.base, f64(m.act.alpha), f64(wg),
-                   f64(bg) if bg is not None else zeros(h), f64(wu), f64(bu) if bu is not None else zeros(h),
-                   f64(m.down_proj.weight), f64(m.down_proj.bias) if m.down_proj.bias is not None
-                   else zeros(m.out_features), m.down_proj.weight.dtype)
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in _WEIGHTS:
+            if self._w is None:
+                with materialized(self.module):  # offloaded weights are loaded for the copy, then released
+                    self._w = _float64_weights(self.module)
+            return self._w[name]
+        raise AttributeError(name)
+
+    def release(self) -> None:
+        """Drop the float64 copies (they are made again if read)."""
+        self._w = None
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``act(g) * u`` in float64, every channel."""
@@ -112,10 +103,10 @@ class GatedSite:
 
     def params(self, kept: int) -> int:
         if kept >= self.h:
-            return sum(p.numel() for p in self.module.parameters())
-        bias = self.module.spec()["bias"]
-        gated = 2 * self.d * kept + (2 * kept if bias else 0) + kept * self.d_out + (self.alpha.numel() > 1) * kept \
-            + (self.alpha.numel() == 1)
+            return 2 * self.d * self.h + self.h * self.d_out + (2 * self.h + self.d_out if self.bias else 0) \
+                + self.n_alphas
+        gated = 2 * self.d * kept + (2 * kept if self.bias else 0) + kept * self.d_out + (self.n_alphas > 1) * kept \
+            + (self.n_alphas == 1)
         return (gated if kept else 0) + self.d * self.d_out + self.d_out
 
     def kept_for(self, fraction: float, round_to: int) -> int:
@@ -125,6 +116,23 @@ class GatedSite:
         if round_to > 1:
             k = round_to * round(k / round_to)
         return int(max(0, min(self.h, k)))
+
+
+def _float64_weights(m: LCGatedMLP) -> dict[str, torch.Tensor]:
+    f64 = lambda t: t.detach().to(torch.float64).clone()  # noqa: E731
+    if m.packed:
+        w, b = m.gate_up_proj.weight, m.gate_up_proj.bias
+        h = w.shape[0] // 2
+        wg, wu = w[:h], w[h:]
+        bg, bu = (b[:h], b[h:]) if b is not None else (None, None)
+    else:
+        wg, wu, bg, bu = m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias
+    h, dev = wg.shape[0], wg.device
+    zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
+    bd = m.down_proj.bias
+    return {"alpha": f64(m.act.alpha), "wg": f64(wg), "bg": f64(bg) if bg is not None else zeros(h), "wu": f64(wu),
+            "bu": f64(bu) if bu is not None else zeros(h), "wd": f64(m.down_proj.weight),
+            "bd": f64(bd) if bd is not None else zeros(m.out_features)}
 
 
 class GatedStats:
@@ -452,6 +460,7 @@ def estimate(engine: SiteStream, round_to: int, ridge: float = FIT_RIDGE) -> tup
         errs = st.prefix_errors(widths, ridge)
         cands[i] = [Candidate(s.h, s.flops(s.h), 0.0, weight)] + [Candidate(k, s.flops(k), errs[k], weight)
                                                                   for k in widths]
+        s.release()
         return None
 
     engine.sweep(visit)
@@ -512,6 +521,7 @@ def fit_plan(engine: SiteStream, kept: list[int], fit: str, ridge: float = FIT_R
         ch = st.order()[:k].sort().values if k else torch.zeros(0, dtype=torch.long, device=s.wd.device)
         m, e2, tt = st.fit(ch, ridge)
         fitted[i], channels[i] = build_module(s, ch, m), ch
+        s.release()
         errors[i] = math.sqrt(e2 / tt) if tt > 0 else 0.0
         return fitted[i]
 
@@ -542,6 +552,7 @@ def gated_site_plan(s: GatedSite, kept: int, channels: torch.Tensor | None, reas
         keep = set(channels.tolist())
         folded = [c for c in range(s.h) if c not in keep]
     joint = JointPlan(s.alpha.float().cpu().tolist(), decision, reason, folded)
+    s.release()
     return SitePlan(s.path, "LCGatedMLP", [s.d, s.h, s.d_out], [joint], s.params(s.h), s.params(kept),
                     s.flops(s.h), s.flops(kept), error if decision != KEEP else 0.0,
                     "calib: fitted, in sequence" if decision != KEEP else "kept")

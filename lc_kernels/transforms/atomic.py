@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 
-def _snapshot(model: nn.Module) -> tuple[list, list]:
+def _snapshot(model: nn.Module, values: bool = True) -> tuple[list, list]:
     modules = []
     for m in model.modules():
         d = dict(m.__dict__)
         d["_modules"], d["_parameters"], d["_buffers"] = dict(m._modules), dict(m._parameters), dict(m._buffers)
         modules.append((m, d))
     tensors, seen = [], set()
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in (list(model.parameters()) + list(model.buffers())) if values else ():
         if id(t) not in seen:
             seen.add(id(t))
             tensors.append((t, t.detach().clone(), t.requires_grad))
@@ -43,10 +43,23 @@ def _restore(modules: list, tensors: list) -> None:
             t.requires_grad_(grad)
 
 
+# Models inside a transaction: a transform called from another (prepare_ and collapse_ inside
+# compress) takes no snapshot of its own; the outer one restores everything.
+_ACTIVE: set[int] = set()
+
+
 @contextmanager
-def atomic(model: nn.Module, what: str) -> Iterator[None]:
-    """Run the body as one transaction on ``model``; a failure restores it and says what failed."""
-    modules, tensors = _snapshot(model)
+def atomic(model: nn.Module, what: str, *, values: bool = True) -> Iterator[None]:
+    """Run the body as one transaction on ``model``; a failure restores it and says what failed.
+
+    ``values=False`` snapshots the structure only (no copy of the weights: a model's size in
+    memory), for a body that replaces modules and tensors but writes into none it found.
+    """
+    if id(model) in _ACTIVE:
+        yield
+        return
+    modules, tensors = _snapshot(model, values)
+    _ACTIVE.add(id(model))
     try:
         yield
     except BaseException as e:
@@ -54,3 +67,5 @@ def atomic(model: nn.Module, what: str) -> Iterator[None]:
         if isinstance(e, (ValueError, TypeError)):
             raise
         raise RuntimeError(f"{what} failed and the model was restored as it was: {type(e).__name__}: {e}") from e
+    finally:
+        _ACTIVE.discard(id(model))
