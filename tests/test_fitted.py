@@ -93,12 +93,25 @@ def test_planned_error_is_the_measured_error(kw):
     assert abs(measured - plan.measured_error) <= 1e-6 * plan.measured_error
 
 
-def test_fitted_plan_needs_its_calibration():
-    model = mlp([8, 32, 8])
+def test_fitted_plan_carries_its_fits():
+    """collapse_(model, plan) installs the planned fits without calib (the first API works again),
+    with the planned error; a plan from JSON, or weights changed since planning, need calib."""
+    model = mlp([8, 32, 16, 8])
     x = torch.randn(64, 8, dtype=torch.float64)
-    plan = lc.plan_collapse(model, calib=x, force=True)
+    plan = lc.plan_collapse(model, calib=x, target=0.5)
+    carried, refit = copy.deepcopy(model), copy.deepcopy(model)
+    lc.collapse_(carried, plan)
+    lc.collapse_(refit, plan, calib=x)
+    assert abs(output_error(model, carried, x) - plan.measured_error) <= 1e-9 * plan.measured_error
+    with torch.no_grad():
+        assert torch.allclose(carried(x), refit(x), rtol=0, atol=1e-12)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="fitted to calibration data.*pass the same calib="):
+    with pytest.raises(ValueError, match="decisions only.*pass calib="):
+        lc.collapse_(model, lc.CollapsePlan.from_json(plan.to_json()))
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="weights of .* changed since"):
         lc.collapse_(model, plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="fit=True fits replacements to calibration data"):

@@ -15,7 +15,7 @@ from .calibration import Calibration, chosen_of, eval_no_grad
 from .inputs import calib_batches
 from .latency import LatencyTable
 from .options import PlanOptions
-from .plan import (DECISIONS, FACTOR, GATED_DECISIONS, KEEP, LINEAR, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan,
+from .plan import (DECISIONS, FittedSite, weights_version, FACTOR, GATED_DECISIONS, KEEP, LINEAR, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan,
                    SitePlan)
 from .gated import gated_sites, plan_gated
 from .layerwise import is_offloaded
@@ -183,6 +183,10 @@ def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanO
         sp.est_error = measured.site_errors.get(i, 0.0) if sp.changes else 0.0
         sp.error_source = ("calib: site not reached" if not cal.inputs[i] else "calib: fitted, in sequence")
     plan.measured_error = measured.model_error
+    # The plan carries its fits: collapse_ installs them without calibration data (and refits with it).
+    fitted_together = tuple(sorted(sites[i].path for i in blocks))
+    plan.fitted = {sites[i].path: FittedSite(b, weights_version(sites[i].module), fitted_together)
+                   for i, b in blocks.items()}
     return _calibrated_notes(plan, cal.rows, "with every linearised joint replaced by its least-squares fit (sites "
                              "fitted in forward order, as collapse_ will)")
 

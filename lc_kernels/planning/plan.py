@@ -13,12 +13,36 @@ from dataclasses import MISSING as _MISSING
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator
 
+import torch
+
 MERGE, FACTOR, KEEP, PARTIAL, LINEAR = "MERGE", "FACTOR", "KEEP", "PARTIAL", "LINEAR"
 DECISIONS = (MERGE, FACTOR, KEEP, PARTIAL)
 GATED_DECISIONS = (KEEP, PARTIAL, LINEAR)  # a gated FFN has no merge: its linear form is fitted
 OBJECTIVES = ("flops", "params", "latency")
 FIT_TARGETS = ("local", "global")
 PLAN_FORMAT = 1
+
+
+@dataclass
+class FittedSite:
+    """What a fitted plan carries for one site (not JSON): its fitted blocks, the version of the
+    site's weights they were fitted to, and the sites fitted together with it (each on the inputs
+    the others' replacements produce)."""
+
+    blocks: list
+    versions: tuple
+    together: tuple
+
+
+def weights_version(m) -> tuple:
+    """A fingerprint of the values of every parameter and buffer of ``m`` (shape, sum, sum of
+    squares and a weighted sum, in float64): equal for a copy, different once a weight is changed."""
+    out = []
+    for t in list(m.parameters()) + list(m.buffers()):
+        v = t.detach().reshape(-1).to(torch.float64)
+        ramp = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+        out.append((tuple(t.shape), float(v.sum()), float(v.pow(2).sum()), float((v * ramp).sum())))
+    return tuple(out)
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """``collapse_``: apply a plan to a model in place (structure and weights)."""
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import torch
@@ -10,6 +12,7 @@ from ..algebra import Block, LinearBlock, canonical_affines, collapsed_modules, 
 from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCFusedMLP, linears_of
 from ..nn.gated import LCGatedMLP
+from ..planning.plan import weights_version
 from ..planning import DECISIONS, GATED_DECISIONS, KEEP, LINEAR, PARTIAL, CollapsePlan, SitePlan, plan_collapse
 from ..planning.calibration import eval_no_grad
 from ..planning.cost import partial_conflict
@@ -80,9 +83,10 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     """Apply ``plan`` (or ``plan_collapse(model, calib=calib, **plan_kwargs)``) in place; returns the plan.
 
     Refuses, with the reason, a joint the plan would linearise beyond its bound (``tol``)
-    unless ``force=True``. A fitted plan (``plan.fit``, planned with calibration data) needs the
-    same ``calib`` (and ``forward_fn``): the replacements are fitted again, in the same order on
-    the same data, so the model-output error after the call is the planned one. Everything is
+    unless ``force=True``. A fitted plan (``plan.fit``, planned with calibration data) carries its
+    fits: without ``calib`` they are installed as planned (while the sites' weights are those it
+    was fitted to); with ``calib`` (and ``forward_fn``) they are fitted again, in the same order, on
+    that data. Either way the model-output error on the planning data is the planned one. Everything is
     checked before anything changes (paths, widths, current alphas, decisions, channels), and a
     failure while applying restores the model exactly: the call is all or nothing.
     """
@@ -112,12 +116,10 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
             _check_finite(m, sp.path)
             _check_train_norm(m, sp.path)
     changing = {i: sp for i, sp in enumerate(plan.sites) if sp.changes}
-    if plan.fit and calib is None:
-        raise ValueError("this plan's replacements were fitted to calibration data (plan.fit is True): pass the same "
-                         "calib= (and forward_fn=) to collapse_ so they are fitted again, or plan with fit=False "
-                         "for the algebraic merge")
     blocks: dict[int, list[Block]] = {}
-    if plan.fit and changing:
+    if plan.fit and calib is None and changing:
+        blocks = _carried_fits(plan, mods, changing)
+    elif plan.fit and changing:
         sites = [site_of(m, sp.path) for m, sp in zip(mods, plan.sites)]
         batches = calib_batches(model, calib, forward_fn=forward_fn)
         with eval_no_grad(model):
@@ -141,6 +143,27 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
         plan.notes.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return plan
+
+
+def _carried_fits(plan: CollapsePlan, mods: list, changing: dict) -> dict[int, list[Block]]:
+    """The fits a plan carries, when they still apply: the same sites changing together, each
+    site's weights unchanged since the plan was made."""
+    together = tuple(sorted(sp.path for sp in changing.values()))
+    out, why = {}, None
+    for i, sp in changing.items():
+        f = plan.fitted.get(sp.path)
+        if f is None or not hasattr(f, "blocks"):
+            why = "it carries no fitted replacements (a plan read back from JSON holds decisions only)"
+        elif f.together != together:
+            why = "its sites were fitted together with other sites than those it changes now"
+        elif f.versions != weights_version(mods[i]):
+            why = f"the weights of {sp.path!r} changed since it was made"
+        if why is not None:
+            raise ValueError(f"this plan's replacements were fitted to calibration data and {why}: pass calib= (and "
+                             "forward_fn=) to collapse_ so they are fitted again, or plan with fit=False for the "
+                             "algebraic merge")
+        out[i] = copy.deepcopy(f.blocks)
+    return out
 
 
 def collapse_gated_(model: nn.Module, plan: CollapsePlan, *, calib: object = None,
