@@ -12,7 +12,8 @@ Triton code and autotune configs only; shapes, strides and allocation live in
 import triton
 import triton.language as tl
 
-from .fused_linear import MAX_SHARED_BYTES, collapsible_epilogue
+from .fused_linear import collapsible_epilogue
+from .tuning import grouped_tile, shared_memory_rules, tile_config
 
 
 @triton.jit
@@ -31,17 +32,8 @@ def fused_gated_linear_kernel(
 
     ``DOT_IN_FP32``: see ``fused_linear_kernel`` (interpreter bfloat16 workaround).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(H, BLOCK_N)
-    # Grouped order: GROUP_M row tiles walk the column tiles together and share both W panels
-    # through L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    # Grouped order: GROUP_M row tiles share both W panels through L2.
+    pid_m, pid_n = grouped_tile(M, H, BLOCK_M, BLOCK_N, GROUP_M)
 
     # int64 offsets: rows * stride overflow int32 past 2**31 elements (and H + n rows of W too).
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -80,51 +72,31 @@ def fused_gated_linear_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-        num_stages=stages, num_warps=warps,
-    )
-
-
 # fused_linear's tiles with the N side halved where it was widest: two (BLOCK_M, BLOCK_N) fp32
 # accumulators live in registers. 2 x 128 x 64 takes 8 warps (with 4 it spilled 136 B/thread on
 # sm_80 in the ahead-of-time compile, with 8 none); 2 x 128 x 128 over 8 warps spills 128-152 B
 # on sm_80's mma.sync but none on sm_90's wgmma, so it stays for H100 and on A100 the autotuner's
 # timing decides. Small-M tiles for decode-sized batches as in fused_linear.
 CONFIGS = [
-    _config(128, 128, 32, 3, 8),
-    _config(128, 64, 64, 3, 8),
-    _config(64, 128, 32, 4, 4),
-    _config(128, 64, 32, 4, 8),
-    _config(64, 64, 32, 4, 4),
-    _config(64, 32, 32, 5, 2),
-    _config(32, 64, 32, 5, 2),
-    _config(16, 128, 64, 3, 4),
-    _config(16, 64, 64, 4, 4),
+    tile_config(128, 128, 32, 3, 8),
+    tile_config(128, 64, 64, 3, 8),
+    tile_config(64, 128, 32, 4, 4),
+    tile_config(128, 64, 32, 4, 8),
+    tile_config(64, 64, 32, 4, 4),
+    tile_config(64, 32, 32, 5, 2),
+    tile_config(32, 64, 32, 5, 2),
+    tile_config(16, 128, 64, 3, 4),
+    tile_config(16, 64, 64, 4, 4),
 ]
 
 # The interpreter runs each program in numpy: one small tile, no tuning (see fused_linear).
-INTERPRETER_CONFIGS = [_config(16, 16, 16, 1, 1)]
+INTERPRETER_CONFIGS = [tile_config(16, 16, 16, 1, 1)]
 
 AUTOTUNE_KEY = ["H", "K", "M_BUCKET"]
 
 
-def shared_bytes(meta: dict, num_stages: int, elem_bytes: int) -> int:
-    """Pipeline buffers: ``num_stages`` tiles of x (BLOCK_M x BLOCK_K) and of both W halves
-    (2 x BLOCK_N x BLOCK_K); the limit is fused_linear's (sm_80's per-block maximum)."""
-    return num_stages * (meta["BLOCK_M"] + 2 * meta["BLOCK_N"]) * meta["BLOCK_K"] * elem_bytes
-
-
-def fits(meta: dict, num_stages: int, elem_bytes: int) -> bool:
-    return shared_bytes(meta, num_stages, elem_bytes) <= MAX_SHARED_BYTES
-
-
-def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The configs whose pipeline fits in shared memory for the input's element size."""
-    elem = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if fits(c.kwargs, c.num_stages, elem)]
-    return kept or configs[-1:]
-
+# Per stage one x tile and both W halves' tiles (2 x BLOCK_N x BLOCK_K) in shared memory; the
+# limit is fused_linear's (sm_80's per-block maximum).
+shared_bytes, fits, prune_configs = shared_memory_rules(weight_tiles=2)
 
 PRUNE = {"early_config_prune": prune_configs}

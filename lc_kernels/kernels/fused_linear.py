@@ -6,6 +6,8 @@ Triton code and autotune configs only; shapes, strides and allocation live in
 import triton
 import triton.language as tl
 
+from .tuning import MAX_SHARED_BYTES, grouped_tile, shared_memory_rules, tile_config  # noqa: F401
+
 
 @triton.jit
 def apply_activation(z, ACT: tl.constexpr):
@@ -79,17 +81,7 @@ def fused_linear_kernel(
     sets it only for bfloat16 under Triton's interpreter, whose ``tl.dot`` multiplies bfloat16
     tiles as their raw uint16 bits (triton-lang/triton#11584, unsupported upstream).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles walk the N tiles together, so a W column panel is
-    # reused from L2 by GROUP_M programs instead of being re-read from HBM by each.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # int64 offsets: rows * stride overflow int32 past 2**31 elements.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -108,54 +100,29 @@ def fused_linear_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-        num_stages=stages, num_warps=warps,
-    )
-
-
 # The shapes of Triton's matmul tutorial tuned for A100/H100 plus two small-M tiles for
 # decode-sized batches (M <= 64), where a 128-row tile wastes most of its work.
 CONFIGS = [
-    _config(128, 256, 64, 3, 8),
-    _config(64, 256, 32, 4, 4),
-    _config(128, 128, 32, 4, 4),
-    _config(128, 64, 32, 4, 4),
-    _config(64, 128, 32, 4, 4),
-    _config(128, 32, 32, 4, 4),
-    _config(64, 32, 32, 5, 2),
-    _config(32, 64, 32, 5, 2),
-    _config(16, 128, 64, 4, 4),
-    _config(16, 64, 128, 3, 4),
+    tile_config(128, 256, 64, 3, 8),
+    tile_config(64, 256, 32, 4, 4),
+    tile_config(128, 128, 32, 4, 4),
+    tile_config(128, 64, 32, 4, 4),
+    tile_config(64, 128, 32, 4, 4),
+    tile_config(128, 32, 32, 4, 4),
+    tile_config(64, 32, 32, 5, 2),
+    tile_config(32, 64, 32, 5, 2),
+    tile_config(16, 128, 64, 4, 4),
+    tile_config(16, 64, 128, 3, 4),
 ]
 
 # The interpreter runs each program in numpy (seconds per launch at real sizes): one small
 # tile, no tuning, and tails on every axis of the tiny test shapes.
-INTERPRETER_CONFIGS = [_config(16, 16, 16, 1, 1)]
+INTERPRETER_CONFIGS = [tile_config(16, 16, 16, 1, 1)]
 
 AUTOTUNE_KEY = ["N", "K", "M_BUCKET"]
 
-# A config's software pipeline keeps num_stages tiles of x (BLOCK_M x BLOCK_K) and w
-# (BLOCK_N x BLOCK_K) in shared memory. sm_80 allows 166,912 bytes per block (sm_90 232,448): a
-# config over that for the element size at hand never launches (the ahead-of-time compile test
-# found the 128x256x64 three-stage tile at 294,912 bytes in fp32), so the autotuner drops it.
-MAX_SHARED_BYTES = 166_912
-
-
-def shared_bytes(meta: dict, num_stages: int, elem_bytes: int) -> int:
-    return num_stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * elem_bytes
-
-
-def fits(meta: dict, num_stages: int, elem_bytes: int) -> bool:
-    return shared_bytes(meta, num_stages, elem_bytes) <= MAX_SHARED_BYTES
-
-
-def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The configs whose pipeline fits in shared memory for the input's element size."""
-    elem = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if fits(c.kwargs, c.num_stages, elem)]
-    return kept or configs[-1:]
-
+# Per stage one x tile and one W tile in shared memory; configs over sm_80's limit are pruned
+# (see tuning).
+shared_bytes, fits, prune_configs = shared_memory_rules(weight_tiles=1)
 
 PRUNE = {"early_config_prune": prune_configs}

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .fused_linear import collapsible_epilogue, dot_tile
+from .tuning import grouped_tile
 
 
 @triton.jit
@@ -32,16 +33,8 @@ def fused_mlp_kernel(
 
     ``DOT_IN_FP32``: see ``fused_linear_kernel`` (interpreter bfloat16 workaround).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     # Grouped order: neighbouring programs share W1/W2 panels through L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

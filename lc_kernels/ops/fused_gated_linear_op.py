@@ -17,17 +17,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
-from .. import _config
 from . import launch, reference
-from .dispatch import use_triton
-from .validate import check_gated_operands, check_raw_input, rows
-
-try:
-    from torch._library import triton as _torch_triton_registry
-except ImportError:  # pragma: no cover
-    _torch_triton_registry = None
+from .validate import check_gated_operands
 
 QUALNAME = "lc_kernels::fused_gated_linear"
 
@@ -35,19 +27,9 @@ QUALNAME = "lc_kernels::fused_gated_linear"
 @functools.cache
 def tuned_kernel() -> Any:
     """The autotuned kernel, built on first use so Triton is imported only when it runs."""
-    import triton
-
     from ..kernels import fused_gated_linear as fg
 
-    interpret = _config.triton_interpret()
-    kernel = triton.autotune(
-        configs=fg.INTERPRETER_CONFIGS if interpret else fg.CONFIGS, key=fg.AUTOTUNE_KEY,
-        prune_configs_by=None if interpret else fg.PRUNE,
-    )(fg.fused_gated_linear_kernel)
-    if _torch_triton_registry is not None:
-        # What triton_op records at registration: AOTAutograd's cache keys include kernel source.
-        _torch_triton_registry.triton_ops_to_kernels[QUALNAME] = [fg.fused_gated_linear_kernel]
-    return kernel
+    return launch.autotuned(fg, fg.fused_gated_linear_kernel, QUALNAME)
 
 
 def launch_fused_gated_linear(
@@ -64,23 +46,7 @@ def launch_fused_gated_linear(
     No validation: callers pass operands checked by :func:`fused_gated_linear`. Every operand
     and ``out`` may have any strides; nothing is copied.
     """
-    m, k = x.shape
-    h = w.shape[0] // 2
-    if m == 0 or h == 0:
-        return out
-    # Absent bias/alpha: any valid pointer; the constexpr flags compile its loads away.
-    wrap_triton(tuned_kernel())[launch.grid(m, h)](
-        x, w, w if b is None else b, w if alpha is None else alpha, out,
-        m, h, k, launch.m_bucket(m),
-        x.stride(0), x.stride(1),
-        w.stride(0), w.stride(1),
-        0 if b is None else b.stride(0),
-        0 if alpha is None or alpha.numel() == 1 else alpha.stride(0),
-        out.stride(0), out.stride(1),
-        ACT=act, HAS_BIAS=b is not None, HAS_ALPHA=alpha is not None and act != "identity",
-        INPUT_PRECISION=launch.input_precision(x.dtype), DOT_IN_FP32=launch.dot_in_fp32(x.dtype),
-    )
-    return out
+    return launch.launch_gemm(tuned_kernel, x, w, b, alpha, act, out, w.shape[0] // 2)
 
 
 def _triton(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str,
@@ -89,19 +55,14 @@ def _triton(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: st
     return launch_fused_gated_linear(x, w, b, act, alpha, out)
 
 
-def _body(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor] = None,
-    act: str = "silu",
-    alpha: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+_reference_or_triton = launch.op_kernel("fused_gated_linear", _triton, reference.fused_gated_linear)
+
+
+def _body(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "silu",
+          alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     # Also the fake kernel and, under torch.compile, the decomposition: off the Triton path the
     # reference's aten ops are what Inductor sees and fuses.
-    check_raw_input("fused_gated_linear", x)
-    if use_triton(x):
-        return _triton(x, w, b, act, alpha)
-    return reference.fused_gated_linear(x, w, b, act, alpha)
+    return _reference_or_triton(x, w, b, act, alpha)
 
 
 op = launch.define_op(QUALNAME, _body)
@@ -124,18 +85,7 @@ def cpu_gated_linear(
     return activated.mul_(up)
 
 
-@op.register_kernel("cpu")
-def _cpu(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor] = None,
-    act: str = "silu",
-    alpha: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    check_raw_input("fused_gated_linear", x)
-    if use_triton(x):
-        return _triton(x, w, b, act, alpha)
-    return cpu_gated_linear(x, w, b, act, alpha)
+op.register_kernel("cpu")(launch.op_kernel("fused_gated_linear", _triton, cpu_gated_linear))
 
 
 def gated_linear_backward(
@@ -174,18 +124,13 @@ def gated_linear_backward(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    # Called only when an input requires grad (torch.library's autograd kernel skips it
-    # otherwise), so inference saves nothing.
     x, w, b, act, alpha = inputs
-    ctx.save_for_backward(x, w, b, alpha)
-    ctx.act = act
+    launch.save_linear_inputs(ctx, x, w, b, alpha, act)
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    x, w, b, alpha = ctx.saved_tensors
-    # Recomputing [g, u] costs one GEMM in training but lets the forward overwrite the gate half
-    # in place, so inference pays no extra (M, 2H) buffer for the ability to train.
-    z = F.linear(x, w, b)
+    # [g, u] recomputed: the forward overwrites the gate half in place (see launch.recompute_linear).
+    x, w, b, alpha, z = launch.recompute_linear(ctx)
     return gated_linear_backward(grad, x, w, b is not None, ctx.act, alpha, z, ctx.needs_input_grad)
 
 
@@ -221,5 +166,4 @@ def fused_gated_linear(
     if torch.compiler.is_exporting():
         # torch.export / ONNX: plain aten ops, as for fused_linear.
         return reference.fused_gated_linear(x, w, b, act, alpha)
-    y = torch.ops.lc_kernels.fused_gated_linear(rows(x), w, b, act, alpha)
-    return y.reshape(*x.shape[:-1], w.shape[0] // 2)
+    return launch.on_rows(torch.ops.lc_kernels.fused_gated_linear, x, w.shape[0] // 2, w, b, act, alpha)

@@ -22,10 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import dispatch, launch, reference
-from .validate import check_operands, check_raw_input, rows
+from .validate import check_operands, rows
 
 
 def launch_fused_linear(
@@ -41,24 +40,7 @@ def launch_fused_linear(
     No validation: callers pass operands checked by :func:`fused_linear`. Every operand and
     ``out`` may have any strides; nothing is copied.
     """
-    m, k = x.shape
-    n = weight.shape[0]
-    if m == 0 or n == 0:
-        return out
-    kernel, _ = launch.tuned_kernels()
-    # Absent bias/alpha: any valid pointer; the constexpr flags compile its loads away.
-    wrap_triton(kernel)[launch.grid(m, n)](
-        x, weight, weight if bias is None else bias, weight if alpha is None else alpha, out,
-        m, n, k, launch.m_bucket(m),
-        x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
-        0 if bias is None else bias.stride(0),
-        0 if alpha is None or alpha.numel() == 1 else alpha.stride(0),
-        out.stride(0), out.stride(1),
-        ACT=act, HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None and act != "identity",
-        INPUT_PRECISION=launch.input_precision(x.dtype), DOT_IN_FP32=launch.dot_in_fp32(x.dtype),
-    )
-    return out
+    return launch.launch_gemm(lambda: launch.tuned_kernels()[0], x, weight, bias, alpha, act, out, weight.shape[0])
 
 
 def _triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
@@ -67,20 +49,20 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return launch_fused_linear(x, weight, bias, alpha, act, out)
 
 
-def _body(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    alpha: Optional[torch.Tensor],
-    act: str,
-) -> torch.Tensor:
+def _takes_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+                  act: str) -> bool:
+    path = dispatch.kernel_path(x)
+    return not (path == dispatch.ATEN or (act == "identity" and dispatch.plain_gemm_to_aten(path)))
+
+
+_reference_or_triton = launch.op_kernel("fused_linear", _triton, reference.fused_linear, _takes_triton)
+
+
+def _body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+          act: str) -> torch.Tensor:
     # Also the fake kernel and, under torch.compile, the decomposition: off the Triton path the
     # reference's aten ops are what Inductor sees and fuses.
-    check_raw_input("fused_linear", x)
-    path = dispatch.kernel_path(x)
-    if path == dispatch.ATEN or (act == "identity" and dispatch.plain_gemm_to_aten(path)):
-        return reference.fused_linear(x, weight, bias, alpha, act)
-    return _triton(x, weight, bias, alpha, act)
+    return _reference_or_triton(x, weight, bias, alpha, act)
 
 
 op = launch.define_op("lc_kernels::fused_linear", _body)
@@ -172,19 +154,7 @@ def cpu_linear_act(
     return reference.collapsible_activation_(rows(z), act, alpha).view(z.shape)
 
 
-@op.register_kernel("cpu")
-def _cpu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    alpha: Optional[torch.Tensor],
-    act: str,
-) -> torch.Tensor:
-    check_raw_input("fused_linear", x)
-    path = dispatch.kernel_path(x)
-    if path == dispatch.ATEN or (act == "identity" and dispatch.plain_gemm_to_aten(path)):
-        return cpu_linear_act(x, weight, bias, alpha, act)
-    return _triton(x, weight, bias, alpha, act)
+op.register_kernel("cpu")(launch.op_kernel("fused_linear", _triton, cpu_linear_act, _takes_triton))
 
 
 def linear_act_backward(
@@ -218,15 +188,11 @@ def linear_act_backward(
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     x, weight, bias, alpha, act = inputs
-    ctx.save_for_backward(x, weight, bias, alpha)
-    ctx.act = act
+    launch.save_linear_inputs(ctx, x, weight, bias, alpha, act)
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    x, weight, bias, alpha = ctx.saved_tensors
-    # Recomputing z costs one GEMM in training but lets the forward overwrite z in place, so
-    # inference pays no extra (M, N) buffer or pass for the ability to train.
-    z = F.linear(x, weight, bias)
+    x, weight, bias, alpha, z = launch.recompute_linear(ctx)
     return (*linear_act_backward(grad, x, weight, bias is not None, alpha, ctx.act, z, ctx.needs_input_grad), None)
 
 
@@ -240,8 +206,7 @@ def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
 
 def _op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
         act: str) -> torch.Tensor:
-    y = torch.ops.lc_kernels.fused_linear(rows(x), weight, bias, alpha, act)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return launch.on_rows(torch.ops.lc_kernels.fused_linear, x, weight.shape[0], weight, bias, alpha, act)
 
 
 def linear_act(

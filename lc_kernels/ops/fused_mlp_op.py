@@ -13,7 +13,7 @@ from torch.library import wrap_triton
 
 from . import dispatch, launch, reference
 from .fused_linear_op import cpu_linear_act, linear_act, linear_act_backward, needs_autograd
-from .validate import check_operands, check_raw_input, rows
+from .validate import check_operands
 
 
 def launch_fused_mlp(
@@ -58,38 +58,24 @@ def _triton(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha
     return launch_fused_mlp(x, w1, b1, alpha, act, w2, b2, out)
 
 
-def _body(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    alpha: Optional[torch.Tensor],
-    act: str,
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-) -> torch.Tensor:
-    check_raw_input("fused_mlp", x)
-    if dispatch.use_triton(x):
-        return _triton(x, w1, b1, alpha, act, w2, b2)
-    return reference.fused_mlp(x, w1, b1, alpha, act, w2, b2)
+_reference_or_triton = launch.op_kernel("fused_mlp", _triton, reference.fused_mlp)
+
+
+def _body(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str,
+          w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
+    return _reference_or_triton(x, w1, b1, alpha, act, w2, b2)
 
 
 op = launch.define_op("lc_kernels::fused_mlp", _body)
 
 
-@op.register_kernel("cpu")
-def _cpu(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    alpha: Optional[torch.Tensor],
-    act: str,
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-) -> torch.Tensor:
-    check_raw_input("fused_mlp", x)
-    if dispatch.use_triton(x):
-        return _triton(x, w1, b1, alpha, act, w2, b2)
+def cpu_mlp_act(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+                act: str, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """The CPU arithmetic: the op's CPU kernel and the no-autograd path of :func:`mlp_act`."""
     return F.linear(cpu_linear_act(x, w1, b1, alpha, act), w2, b2)
+
+
+op.register_kernel("cpu")(launch.op_kernel("fused_mlp", _triton, cpu_mlp_act))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -117,8 +103,7 @@ op.register_autograd(_backward, setup_context=_setup_context)
 
 def _op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], alpha: Optional[torch.Tensor], act: str,
         w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
-    y = torch.ops.lc_kernels.fused_mlp(rows(x), w1, b1, alpha, act, w2, b2)
-    return y.reshape(*x.shape[:-1], w2.shape[0])
+    return launch.on_rows(torch.ops.lc_kernels.fused_mlp, x, w2.shape[0], w1, b1, alpha, act, w2, b2)
 
 
 def mlp_act(
@@ -149,7 +134,7 @@ def mlp_act(
         return _op(x, w1, b1, alpha, act, w2, b2)
     if dispatch.kernel_path(x) == dispatch.ATEN and not needs_autograd(x, w1, b1, alpha, w2, b2):
         # Inference on CPU: the CPU kernel's arithmetic, no custom-op dispatch, nothing saved.
-        return F.linear(cpu_linear_act(x, w1, b1, alpha, act), w2, b2)
+        return cpu_mlp_act(x, w1, b1, alpha, act, w2, b2)
     # The fused Triton kernel, or with autograd one node that saves x (not the hidden tensor)
     # and recomputes the hidden tensor backward.
     return _op(x, w1, b1, alpha, act, w2, b2)
