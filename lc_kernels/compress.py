@@ -237,8 +237,8 @@ def compress(
     of ``heal_loss`` over ``heal_data`` with the user's loss.
 
     Gated FFNs (decoder LLMs: :class:`~lc_kernels.LCGatedMLP`) are planned and fitted in one
-    layer-by-layer pass and installed together (the plan carries its fits; ``fit="local"`` or
-    ``"global"`` picks the fit target). Their errors are taken at the final hidden state (the input
+    layer-by-layer pass and installed together (the plan carries its fits; ``fit="global"``, the
+    default, fits each site to the dense model's stream after its block, ``"local"`` to its own function). Their errors are taken at the final hidden state (the input
     of the output embedding), never on full-vocabulary logits; healing distils the dense model's
     next-token distribution (KL on logits, batch by batch) into the compressed sites' weights.
     """

@@ -19,8 +19,8 @@ Planning runs in two streamed passes (:mod:`~lc_kernels.planning.layerwise`):
    error under ``max_error``) with the least summed error, each site's error counted relative to the
    residual stream it is added to;
 2. fit, in sequence: each site is fitted on the inputs the already-replaced sites before it produce,
-   to its own dense function there (``fit="local"``) or to the dense model's stream after its block
-   (``fit="global"``: it also absorbs what the sites before it changed).
+   to the dense model's stream after its block (``fit="global"``, the default: it also absorbs what
+   the sites before it changed) or to its own dense function there (``fit="local"``).
 
 The fitted modules travel with the plan (``plan.fitted``): :func:`~lc_kernels.collapse_` installs
 them without calibration data. The plan's measured error is the model's output error with exactly
