@@ -349,13 +349,21 @@ def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_
         def distil(m: nn.Module, b: Batch, k: int) -> torch.Tensor:
             return _distillation_loss(m, b, k, teacher[k], head, forward_fn)
 
-        user_before = _user_loss(model, heal, heal_loss)
+        # The guard judges what the healing optimises: the user's loss on heal_data, or, distilling
+        # through an output embedding, the KL to the dense model's next-token distribution on calib
+        # (the hidden-state error may rise while the distributions get closer); else the error.
+        kl_guard = heal_loss is None and head is not None
+        calib_teacher = [r.view(-1, r.numel() // b.n_rows).float() for r, b in zip(reference, batches)] \
+            if kl_guard else []
+        objective = (lambda: _user_loss(model, heal, heal_loss)) if heal_loss is not None else (
+            lambda: _mean_kl(model, batches, calib_teacher, head, forward_fn)) if kl_guard else None
+        before = objective() if objective is not None else None
         _heal(model, heal, [], heal_steps, heal_lr, forward_fn, 0, heal_loss, params=params,
               loss_fn=None if heal_loss is not None else distil)
         done_heal = heal_steps
         with eval_no_grad(model):
             healed = _error_now(model, sites, batches, forward_fn, reference)
-        if (_user_loss(model, heal, heal_loss) > user_before) if heal_loss is not None else healed > err:
+        if (objective() > before) if objective is not None else healed > err:
             with torch.no_grad():
                 for p in params:
                     p.copy_(saved[id(p)])
@@ -366,6 +374,14 @@ def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_
     curve = [(0.0, 0.0), (removed / plan.flops_before if plan.flops_before else 0.0, final)]
     return CompressReport(steps, plan, plan.flops_before, plan.flops_after, plan.params_before, plan.params_after,
                           final, done_heal, prepared, curve, model_flops)
+
+
+def _mean_kl(model: nn.Module, batches: list[Batch], teachers: list[torch.Tensor], head: nn.Module,
+             forward_fn) -> float:
+    """Mean KL(dense || model) of the next-token distributions over the batches, no graph."""
+    with eval_no_grad(model):
+        return sum(float(_distillation_loss(model, b, k, t, head, forward_fn))
+                   for k, (b, t) in enumerate(zip(batches, teachers))) / len(batches)
 
 
 def _user_loss(model: nn.Module, batches: list[Batch], heal_loss) -> float:

