@@ -384,3 +384,15 @@ def test_compress_of_an_llm_is_all_or_nothing_without_copying_its_weights():
     assert all(p is params[n] and torch.equal(p, state[n]) for n, p in m.named_parameters())
     with torch.no_grad():
         assert torch.equal(m(input_ids=ids).logits, ref)
+
+
+def test_kl_healing_is_kept_only_when_the_kl_on_calib_falls():
+    """Distilling through the output embedding: the round is judged by the KL to the dense model's
+    next-token distribution on calib; the report carries the error after the round (or the unhealed
+    one when it was undone)."""
+    m = tiny("llama")
+    report = lc.compress(m, calib(), target=0.5, heal_steps=4, heal_lr=1e-3, progress=False)
+    step = report.steps[-1]
+    assert report.heal_steps == 4 and step.healed_error is not None
+    assert report.final_error == step.healed_error
+    assert math.isfinite(report.final_error)
