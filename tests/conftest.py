@@ -41,3 +41,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def error_without_lc_kernels(model, x, y, tmp_path) -> float:
+    """Pickle ``model`` (stripped), load it in a fresh interpreter where ``import lc_kernels`` fails,
+    run it on ``x`` and return its relative error to ``y``: a stripped model needs torch alone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": model, "x": x, "y": y}, path)
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "lc_kernels":
+                    raise ImportError("lc_kernels is not installed here")
+        sys.meta_path.insert(0, Block())
+        import torch
+        d = torch.load({str(path)!r}, weights_only=False)
+        with torch.no_grad():
+            y = d["model"](d["x"])
+        assert "lc_kernels" not in sys.modules
+        print(((y - d["y"]).norm() / d["y"].norm()).item())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip())

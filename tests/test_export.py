@@ -1,14 +1,12 @@
 """Serving: every form exports through torch.export and ONNX (onnxruntime), and strip_ leaves plain torch."""
 import copy
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from torch import nn
 
 import lc_kernels as lc
+from conftest import error_without_lc_kernels
 from lc_kernels.testing import rel_err
 
 from test_fitted import bert_calib, tiny_bert
@@ -101,26 +99,7 @@ def test_strip_keeps_outputs_and_needs_no_lc_kernels(form, tmp_path):
     assert not any(type(m).__module__.startswith("lc_kernels") for m in model.modules())
     with torch.no_grad():
         assert rel_err(model(x), before) <= 1e-6
-    path = tmp_path / "model.pt"
-    torch.save({"model": model, "x": x, "y": before}, path)
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "lc_kernels":
-                    raise ImportError("lc_kernels is not installed here")
-        sys.meta_path.insert(0, Block())
-        import torch
-        d = torch.load({str(path)!r}, weights_only=False)
-        with torch.no_grad():
-            y = d["model"](d["x"])
-        err = ((y - d["y"]).norm() / d["y"].norm()).item()
-        assert "lc_kernels" not in sys.modules
-        print(err)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip()) <= 1e-6
+    assert error_without_lc_kernels(model, x, before, tmp_path) <= 1e-6
 
 
 def test_strip_a_bert():

@@ -3,9 +3,6 @@ import copy
 import functools
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lc_kernels as lc
+from conftest import error_without_lc_kernels
 from lc_kernels.testing import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -395,25 +393,7 @@ def test_stripped_gated_model_loads_without_lc_kernels(tmp_path):
     with torch.no_grad():
         before = model(x)
     lc.strip_(model)
-    path = tmp_path / "model.pt"
-    torch.save({"model": model, "x": x, "y": before}, path)
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "lc_kernels":
-                    raise ImportError("lc_kernels is not installed here")
-        sys.meta_path.insert(0, Block())
-        import torch
-        d = torch.load({str(path)!r}, weights_only=False)
-        with torch.no_grad():
-            y = d["model"](d["x"])
-        assert "lc_kernels" not in sys.modules
-        print(((y - d["y"]).norm() / d["y"].norm()).item())
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip()) <= 1e-6
+    assert error_without_lc_kernels(model, x, before, tmp_path) <= 1e-6
 
 
 def test_strip_a_compressed_llama():
