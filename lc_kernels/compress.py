@@ -1,11 +1,12 @@
-"""``compress``: the one call for a pretrained model — prepare, fitted plan, collapse site by site, heal.
+"""``compress``: the one call for a pretrained model — prepare, fitted plan, install the plan's fits, heal.
 
-Sites collapse one at a time in order of least planned error; each is fitted again on the model as
-it is at that moment (the sites before it already replaced, and healed), so later replacements
-absorb what earlier ones changed. With ``heal_steps > 0`` the model is healed between steps by
-self-distillation: the model's own outputs before compression are the teacher, no labels, the
-collapsible slopes frozen. Every step's measured model-output error and FLOPs removed form the
-error-versus-FLOPs curve of the report.
+The plan fits every replacement once, site by site in forward order through the calibration
+engine (each on the inputs the replacements before it produce; ``fit="global"`` targets the dense
+model's stream after the site, so a site absorbs what those before it changed); ``collapse_``
+installs those fits without fitting again. With ``heal_steps > 0`` the compressed model is then
+healed: with the user's ``heal_loss`` (labels allowed), else by distilling the dense model's
+outputs (its next-token distributions through the output embedding of a causal LM), the
+collapsible slopes frozen. A healing run that makes what it optimises worse is undone.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from .nn.gated import LCGatedMLP
 from .nn.mlp import LCChain, LCFusedMLP
 from .planning import CollapsePlan, plan_collapse
 from .planning.cost import linear_flops
-from .planning.gated import GatedSite, gated_sites, measure
-from .planning.layerwise import _Stop, output_point
+from .planning.gated import gated_sites
+from .planning.layerwise import _Stop, output_point, relative_error
 from .planning.calibration import eval_no_grad
-from .planning.inputs import Batch, ForwardFn, calib_batches, flat_output, run_model
+from .planning.inputs import Batch, ForwardFn, calib_batches, flat_output_grad, run_model
 from .planning.options import check_number
 from .transforms import collapse_, prepare_
 from .transforms.atomic import atomic
@@ -125,23 +126,6 @@ def _progress(total: int, on: bool, desc: str):
     return None
 
 
-class _Teacher:
-    """The model's outputs before compression, on the calibration and healing batches."""
-
-    def __init__(self, model: nn.Module, calib: list[Batch], heal: list[Batch], forward_fn: ForwardFn | None):
-        with eval_no_grad(model):
-            self.calib = [flat_output(run_model(model, b, i, forward_fn), b) for i, b in enumerate(calib)]
-            self.heal = [flat_output(run_model(model, b, i, forward_fn), b) for i, b in enumerate(heal)]
-        self.norm = math.sqrt(sum(float(r.pow(2).sum()) for r in self.calib))
-
-
-def _error(model: nn.Module, batches: list[Batch], teacher: _Teacher, forward_fn: ForwardFn | None) -> float:
-    with eval_no_grad(model):
-        d2 = sum(float((flat_output(run_model(model, b, i, forward_fn), b) - t).pow(2).sum())
-                 for i, (b, t) in enumerate(zip(batches, teacher.calib)))
-    return math.sqrt(d2) / teacher.norm
-
-
 def _heal(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], steps: int, lr: float,
           forward_fn: ForwardFn | None, first_step: int, heal_loss=None, params: list | None = None,
           loss_fn=None) -> None:
@@ -186,20 +170,6 @@ def _heal(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], s
             p.grad = None
 
 
-def flat_output_grad(out: object, batch: Batch) -> torch.Tensor:
-    """:func:`flat_output` keeping the graph (float32 is enough for a loss)."""
-    if isinstance(out, torch.Tensor):
-        return batch.select(out).to(torch.float32) if out.is_floating_point() else out.new_zeros(0)
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    parts = [flat_output_grad(v, batch) for v in out if isinstance(v, (torch.Tensor, dict, tuple, list))] \
-        if isinstance(out, (tuple, list)) else []
-    parts = [p for p in parts if p.numel()]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
 def compress(
     model: nn.Module,
     calib: object,
@@ -216,31 +186,34 @@ def compress(
     tokens: int | None = None,
     heal_loss=None,
     fit: str | None = None,
+    select: str = "activation",
 ) -> CompressReport:
     """Compress ``model`` in place: the one call for a pretrained model.
 
     Runs :func:`prepare_` if the model has no collapsible sites yet, plans with replacements fitted
     to ``calib`` (``target``: the fraction of the collapsible sites' FLOPs to remove; ``max_error``:
     the bound on the model-output error ``||dy|| / ||y||`` on ``calib``, as in :func:`plan_collapse`),
-    then collapses site by site in order of least planned error, each refitted on the model as it is
-    then. ``heal_steps > 0`` spreads that many self-distillation steps (teacher: the model's own
-    outputs before compression; ``heal_data`` defaults to ``calib``; Adam at ``heal_lr``) over the
-    steps, after each collapse. ``calib`` and ``heal_data`` take what ``plan_collapse`` takes;
+    each site fitted once, in forward order, on the inputs the replacements before it produce
+    (``fit="global"``, the default, fits a site to what its output must be for the dense model's
+    stream after it; ``"local"`` to its own function; ``select`` ranks PARTIAL channels as in
+    :func:`plan_collapse`), then installs the plan's fits
+    (:func:`collapse_`, no second fit). ``heal_steps > 0`` then trains the compressed model for that
+    many steps on ``heal_data`` (default ``calib``) with Adam at ``heal_lr``, the collapsible slopes
+    frozen: with ``heal_loss(model, batch) -> loss`` when given (the user's own loss, labels allowed:
+    ``batch`` is what ``heal_data`` yields), else by distilling the model's own outputs before
+    compression. A healing run that makes what it optimises worse is undone: the user's loss (mean
+    over ``heal_data``), the KL to the dense next-token distributions on ``calib`` (a causal LM), or
+    else the calibration error. ``calib`` and ``heal_data`` take what ``plan_collapse`` takes;
     ``forward_fn(model, batch)`` runs anything else. ``objective="latency"`` with ``example=`` (a
     serving batch) or ``tokens=`` plans on times measured on this device instead of FLOPs; ``target``
     is then a fraction of the sites' measured time (see :func:`plan_collapse`). All or nothing: a
     failure restores the model.
 
-    ``heal_loss(model, batch) -> loss`` heals with the user's own loss (labels allowed: ``batch`` is
-    what ``heal_data`` yields); without it healing distils the model's own outputs. A healing round
-    that makes what it optimises worse is undone: the calibration error when distilling, the mean
-    of ``heal_loss`` over ``heal_data`` with the user's loss.
-
-    Gated FFNs (decoder LLMs: :class:`~lc_kernels.LCGatedMLP`) are planned and fitted in one
-    layer-by-layer pass and installed together (the plan carries its fits; ``fit="global"``, the
-    default, fits each site to the dense model's stream after its block, ``"local"`` to its own function). Their errors are taken at the final hidden state (the input
-    of the output embedding), never on full-vocabulary logits; healing distils the dense model's
-    next-token distribution (KL on logits, batch by batch) into the compressed sites' weights.
+    Linear -> act -> Linear sites heal every trainable weight of the model but the slopes. Gated FFNs
+    (decoder LLMs: :class:`~lc_kernels.LCGatedMLP`) heal only the compressed sites' weights, and
+    their errors are taken at the final hidden state (the input of the output embedding), never on
+    full-vocabulary logits; healing distils the dense model's next-token distribution (KL on
+    logits, batch by batch).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -256,6 +229,9 @@ def compress(
     if heal_loss is not None and not callable(heal_loss):
         raise TypeError(f"heal_loss must be a function heal_loss(model, batch) -> scalar loss, got "
                         f"{type(heal_loss).__name__}")
+    if fit not in (None, "local", "global"):
+        raise ValueError(f"fit must be 'global' (fit each site to the dense model's stream after it, the default) "
+                         f"or 'local' (to its own function), got {fit!r}")
     # Gated sites are swapped for new modules and healing trains only those: no weight of the model
     # is written in place, so the transaction need not copy the model's weights (a model's size).
     gated = any(isinstance(m, LCGatedMLP) or gated_layout(m) is not None for m in model.modules())
@@ -269,81 +245,42 @@ def compress(
                 raise ValueError("compress found no Linear -> activation -> Linear or gated FFN site to collapse in "
                                  "this model" + (f" (left alone: {why})" if why else ""))
         model_flops = linear_flops(model)
-        if gated_sites(model):
-            return _compress_gated(model, calib, target=target, max_error=max_error, heal_steps=heal_steps,
-                                   heal_data=heal_data, heal_lr=heal_lr, forward_fn=forward_fn, heal_loss=heal_loss,
-                                   fit=fit, objective=objective, prepared=prepared, model_flops=model_flops)
-        if fit not in (None, "local"):
-            raise ValueError(f"fit={fit!r}: Linear -> act -> Linear sites are fitted to their own function "
-                             "(fit='local'); 'global' applies to gated FFN sites")
-        batches = calib_batches(model, calib, forward_fn=forward_fn)
-        heal = batches if heal_data is None else calib_batches(model, heal_data, forward_fn=forward_fn)
-        teacher = _Teacher(model, batches, heal if heal_steps else [], forward_fn)
-        plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn,
-                             objective=objective, example=example, tokens=tokens)
-        changing = sorted((sp for sp in plan.sites if sp.changes), key=lambda sp: (sp.est_error or 0.0))
-        total_before = plan.flops_before
-        removed, steps, curve = 0, [], [(0.0, 0.0)]
-        bar = _progress(len(changing), progress, "compress")
-        per_step = [heal_steps // max(len(changing), 1) + (k < heal_steps % max(len(changing), 1))
-                    for k in range(len(changing))]
-        done_heal = 0
-        for k, sp in enumerate(changing):
-            one = copy.copy(plan)
-            one.sites, one.notes = [_current(model, sp)], []
-            collapse_(model, one, calib=calib, forward_fn=forward_fn, force=True)
-            removed += sp.flops_before - sp.flops_after
-            err = _error(model, batches, teacher, forward_fn)
-            step = SiteStep(sp.path, sp.decision, sp.params_before, sp.params_after, sp.flops_before, sp.flops_after,
-                            sp.est_error, err)
-            if per_step[k]:
-                saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
-                user_before = _user_loss(model, heal, heal_loss)
-                _heal(model, heal, teacher.heal, per_step[k], heal_lr, forward_fn, done_heal, heal_loss)
-                done_heal += per_step[k]
-                step.healed_error = _error(model, batches, teacher, forward_fn)
-                worse = (_user_loss(model, heal, heal_loss) > user_before if heal_loss is not None
-                         else step.healed_error > err)
-                if worse:
-                    # Healing that makes what it optimises worse (the calibration error, or the user's
-                    # loss on heal_data) is undone: too high heal_lr, too little heal_data.
-                    model.load_state_dict(saved)
-                    step.healed_error = err
-            steps.append(step)
-            curve.append((removed / total_before if total_before else 0.0, step.healed_error or err))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        final = curve[-1][1]
-    return CompressReport(steps, plan, total_before, plan.flops_after, plan.params_before, plan.params_after, final,
-                          done_heal, prepared, curve, model_flops)
+        return _compress_fitted(model, calib, target=target, max_error=max_error, heal_steps=heal_steps,
+                                heal_data=heal_data, heal_lr=heal_lr, forward_fn=forward_fn, heal_loss=heal_loss,
+                                fit=fit, objective=objective, example=example, tokens=tokens, prepared=prepared,
+                                model_flops=model_flops, progress=progress, select=select)
 
 
-def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_steps: int, heal_data, heal_lr: float,
-                    forward_fn, heal_loss, fit, objective, prepared: list[str], model_flops: int) -> CompressReport:
-    """:func:`compress` for gated FFN sites: one fitted plan, installed at once, then healing."""
+def _compress_fitted(model: nn.Module, calib: object, *, target, max_error, heal_steps: int, heal_data, heal_lr: float,
+                     forward_fn, heal_loss, fit, objective, example, tokens, prepared: list[str], model_flops: int,
+                     progress: bool, select: str) -> CompressReport:
+    """One fitted plan, its fits installed at once, then healing (see :func:`compress`)."""
     batches = calib_batches(model, calib, forward_fn=forward_fn)
     heal = batches if heal_data is None else calib_batches(model, heal_data, forward_fn=forward_fn)
-    sites = [GatedSite.of(m, p) for p, m in gated_sites(model)]
+    gated = bool(gated_sites(model))
     head = output_point(model) if forward_fn is None else None
     with eval_no_grad(model):
         teacher = _hidden_states(model, heal, forward_fn) if heal_steps and heal_loss is None else []
+        # the dense model's outputs on calib: the reference every error after this is measured against
+        reference = _hidden_states(model, batches, forward_fn, float64=True)
     plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn,
-                         objective=objective, fit=fit)
-    reference = None
-    if heal_steps:
-        with eval_no_grad(model):
-            _, reference = measure(model, sites, batches, forward_fn, {})
-    collapse_(model, plan)
-    err = plan.measured_error
+                         objective=objective, fit=fit, example=example, tokens=tokens, select=select)
     changing = [sp for sp in plan.sites if sp.changes]
+    bar = _progress(len(changing) + (1 if heal_steps else 0), progress, "compress")
+    collapse_(model, plan)  # the plan's own fits: nothing is fitted a second time
+    with eval_no_grad(model):
+        err = _error_now(model, batches, forward_fn, reference)
+    if bar is not None:
+        bar.update(len(changing))
     steps = [SiteStep(sp.path, sp.decision, sp.params_before, sp.params_after, sp.flops_before, sp.flops_after,
                       sp.est_error, err if k == len(changing) - 1 else None) for k, sp in enumerate(changing)]
     done_heal = 0
     if heal_steps and changing:
-        params = [p for sp in changing for n, p in model.get_submodule(sp.path).named_parameters()
-                  if p.requires_grad and not n.endswith("alpha")]
+        if gated:  # only the new modules train: nothing else of a large model needs a copy or a gradient
+            params = [p for sp in changing for n, p in model.get_submodule(sp.path).named_parameters()
+                      if p.requires_grad and not n.endswith("alpha")]
+        else:
+            params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("alpha")]
         saved = {id(p): p.detach().clone() for p in params}
 
         def distil(m: nn.Module, b: Batch, k: int) -> torch.Tensor:
@@ -355,20 +292,24 @@ def _compress_gated(model: nn.Module, calib: object, *, target, max_error, heal_
         kl_guard = heal_loss is None and head is not None
         calib_teacher = [r.view(-1, r.numel() // b.n_rows).float() for r, b in zip(reference, batches)] \
             if kl_guard else []
-        objective = (lambda: _user_loss(model, heal, heal_loss)) if heal_loss is not None else (
+        objective_now = (lambda: _user_loss(model, heal, heal_loss)) if heal_loss is not None else (
             lambda: _mean_kl(model, batches, calib_teacher, head, forward_fn)) if kl_guard else None
-        before = objective() if objective is not None else None
+        before = objective_now() if objective_now is not None else None
         _heal(model, heal, [], heal_steps, heal_lr, forward_fn, 0, heal_loss, params=params,
               loss_fn=None if heal_loss is not None else distil)
         done_heal = heal_steps
         with eval_no_grad(model):
-            healed = _error_now(model, sites, batches, forward_fn, reference)
-        if (objective() > before) if objective is not None else healed > err:
+            healed = _error_now(model, batches, forward_fn, reference)
+        if (objective_now() > before) if objective_now is not None else healed > err:
             with torch.no_grad():
                 for p in params:
                     p.copy_(saved[id(p)])
             healed = err
         steps[-1].healed_error = healed
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     final = steps[-1].healed_error if steps and steps[-1].healed_error is not None else err
     removed = plan.flops_before - plan.flops_after
     curve = [(0.0, 0.0), (removed / plan.flops_before if plan.flops_before else 0.0, final)]
@@ -392,25 +333,26 @@ def _user_loss(model: nn.Module, batches: list[Batch], heal_loss) -> float:
         return sum(float(heal_loss(model, b.raw)) for b in batches) / len(batches)
 
 
-def _error_now(model: nn.Module, sites, batches: list[Batch], forward_fn, reference) -> float:
-    """The model-output error of the model as it is now (its sites already collapsed)."""
-    err, _ = measure(model, sites, batches, forward_fn, {}, reference)
-    return err
+def _error_now(model: nn.Module, batches: list[Batch], forward_fn, reference: list[torch.Tensor]) -> float:
+    """The model-output error of the model as it is now, at the same point as ``reference``."""
+    return relative_error(_hidden_states(model, batches, forward_fn, float64=True), reference)
 
 
-def _hidden_states(model: nn.Module, batches: list[Batch], forward_fn) -> list[torch.Tensor]:
-    """Per batch, the output at the measurement point (final hidden state of a causal LM), float32 rows."""
+def _hidden_states(model: nn.Module, batches: list[Batch], forward_fn, float64: bool = False) -> list[torch.Tensor]:
+    """Per batch, the output rows at the measurement point (final hidden state of a causal LM, else
+    the model's output), float32 (float64 to measure errors with)."""
     head = output_point(model) if forward_fn is None else None
     out = []
     for k, b in enumerate(batches):
-        out.append(_student(model, b, k, head, forward_fn).detach())
+        out.append(_student(model, b, k, head, forward_fn, torch.float64 if float64 else torch.float32).detach())
     return out
 
 
-def _student(model: nn.Module, b: Batch, k: int, head: nn.Module | None, forward_fn) -> torch.Tensor:
+def _student(model: nn.Module, b: Batch, k: int, head: nn.Module | None, forward_fn,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The model's output rows at the measurement point, with the graph (no logits computed)."""
     if head is None:
-        return flat_output_grad(run_model(model, b, k, forward_fn), b)
+        return flat_output_grad(run_model(model, b, k, forward_fn), b, dtype)
     got: list[torch.Tensor] = []
 
     def pre(mod, args):
@@ -424,7 +366,7 @@ def _student(model: nn.Module, b: Batch, k: int, head: nn.Module | None, forward
         pass
     finally:
         handle.remove()
-    return b.rows(got[0]).to(torch.float32)
+    return b.rows(got[0]).to(dtype)
 
 
 def _distillation_loss(model: nn.Module, b: Batch, k: int, teacher: torch.Tensor, head: nn.Module | None,
@@ -440,14 +382,3 @@ def _distillation_loss(model: nn.Module, b: Batch, k: int, teacher: torch.Tensor
         p_t = torch.log_softmax(torch.nn.functional.linear(teacher, w, bias), dim=-1)
     log_s = torch.log_softmax(torch.nn.functional.linear(h, w, bias), dim=-1)
     return torch.nn.functional.kl_div(log_s, p_t, log_target=True, reduction="batchmean")
-
-
-def _current(model: nn.Module, sp):
-    """``sp`` with the slopes the model holds now (healing keeps them frozen; this guards the check)."""
-    sp = copy.deepcopy(sp)
-    m = model.get_submodule(sp.path)
-    acts = [m.act] if isinstance(m, LCFusedMLP) else list(m.acts)
-    for a, j in zip(acts, sp.joints):
-        if hasattr(a, "alpha"):
-            j.alpha = a.alpha.detach().float().cpu().tolist()
-    return sp

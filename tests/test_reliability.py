@@ -348,3 +348,16 @@ def test_cli_plan_on_a_file_it_will_not_unpickle_is_one_line_and_exit_2(content,
 
 class _Opaque:
     pass
+
+
+def test_a_module_on_meta_prints_and_says_it_holds_no_slopes():
+    """``print(model)`` after ``model.to("meta")`` (how big models are built before loading) works;
+    it used to raise from ``alpha.item()``."""
+    m = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    lc.prepare_(m, per_channel=True)
+    one = lc.LCFusedMLP(8, 16, 8)
+    for mod in (m.to("meta"), one.to("meta")):
+        text = repr(mod)
+        assert "alpha on meta (no values)" in text and "LC" in text
+    y = one(torch.randn(2, 8, device="meta"))  # shape inference on meta still runs
+    assert y.shape == (2, 8) and y.is_meta

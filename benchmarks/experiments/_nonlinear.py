@@ -175,24 +175,20 @@ def _all_linear_flops(widths: list[int]) -> int:
 def lc_target_for(model: nn.Module, flops_budget: float) -> float:
     """The ``target`` of ``lc.plan_collapse`` that leaves at most ``flops_budget`` of the FLOPs.
 
-    ``target`` is a fraction of what collapsing *everything* would remove (not of the dense
-    FLOPs), so read that maximum from a forced plan and rescale. ``model`` must be prepared.
+    ``target`` is the fraction of the collapsible sites' dense FLOPs to remove; the rest of the
+    model (Linears outside every site) stays. ``model`` must be prepared.
     """
     import lc_kernels as lc
 
-    try:
-        full = lc.plan_collapse(model, force=True)
-        before = sum(s.flops_before for s in full.sites)
-        removable = before - sum(s.flops_after for s in full.sites)
-    except TypeError:  # ``force`` is not in DESIGN §2's signature: if it goes, use the cost model
-        sites = lc.plan_collapse(model).sites
-        removable = sum(s.flops_before - _all_linear_flops(s.widths) for s in sites)
+    full = lc.plan_collapse(model, force=True)
+    before = sum(s.flops_before for s in full.sites)
+    removable = before - sum(s.flops_after for s in full.sites)
     dense = mlp_flops(model)
     need = dense - flops_budget * dense  # FLOPs that must go
     if need > removable:
         raise ValueError(f"a budget of {flops_budget:.0%} of {dense} FLOPs needs {need:.0f} removed; "
                          f"collapsing everything removes only {removable}")
-    return min(1.0, max(need / removable, 1e-6))
+    return min(1.0, max(need / before, 1e-6))
 
 
 def authors_train(model: nn.Module, data: tuple[Split, Split, Split], steps: int, lam: float,
@@ -307,21 +303,34 @@ def width_pruning(model: nn.Module, data: tuple[Split, Split, Split], flops_budg
     return m, accuracy(m, *data[2]), mlp_flops(m)
 
 
-def ours(model: nn.Module, data: tuple[Split, Split, Split], flops_budget: float, heal_steps: int
-         ) -> tuple[nn.Module, float, int, dict]:
+def ours(model: nn.Module, data: tuple[Split, Split, Split], flops_budget: float, heal_steps: int, *,
+         labels: bool = False, fit: str = "global", select: str = "activation") -> tuple[nn.Module, float, int, dict]:
     """The library's one call on a deepcopy of the dense model: ``lc.compress`` prepares it, plans
-    with replacements fitted to validation inputs (PARTIAL widths chosen from the data), collapses
-    site by site and, with ``heal_steps``, heals by self-distillation on unlabelled training inputs
-    (no labels: the dense model's own outputs are the teacher)."""
+    with replacements fitted to validation inputs (PARTIAL widths chosen from the data; ``fit`` and
+    ``select`` as in ``plan_collapse``), installs the fits and, with ``heal_steps``, heals on the
+    training split: by self-distillation on its inputs (no labels: the dense model's own outputs
+    are the teacher) or, with ``labels``, with the task's cross-entropy through ``heal_loss`` (what
+    the fine-tuned width-pruning peer trains with)."""
     import lc_kernels as lc
 
     m = copy.deepcopy(model).eval()
     probe = copy.deepcopy(m)
     lc.prepare_(probe)
     target = lc_target_for(probe, flops_budget)
-    heal = [xb for xb in data[0][0].split(BATCH)]
-    report = lc.compress(m, data[1][0][:2048], target=target, heal_steps=heal_steps, heal_data=heal,
-                         heal_lr=FT_LR, progress=False)
+    (xtr, ytr) = data[0]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(xtr.shape[0], generator=g)
+    if labels:
+        heal = [(xtr[i], ytr[i]) for i in order.split(BATCH)]
+        loss = lambda mod, b: F.cross_entropy(mod(b[0]), b[1])  # noqa: E731
+        report = lc.compress(m, data[1][0][:2048], target=target, heal_steps=heal_steps, heal_data=heal,
+                             heal_lr=FT_LR, progress=False, fit=fit, select=select, heal_loss=loss,
+                             forward_fn=lambda mod, b: mod(b[0]) if isinstance(b, tuple) else mod(b))
+    else:
+        heal = [xtr[i] for i in order.split(BATCH)]
+        report = lc.compress(m, data[1][0][:2048], target=target, heal_steps=heal_steps, heal_data=heal,
+                             heal_lr=FT_LR, progress=False, fit=fit, select=select)
     info = {"decisions": "/".join(s.decision for s in report.steps),
-            "planned_error": report.plan.measured_error, "final_error": report.final_error}
+            "planned_error": report.plan.measured_error, "final_error": report.final_error,
+            "healed": report.steps[-1].healed_error is not None and report.steps[-1].healed_error != report.steps[-1].model_error}
     return m, accuracy(m, *data[2]), mlp_flops(m), info

@@ -67,6 +67,8 @@ class CollapsibleActivation(nn.Module):
         return reference.collapsible_activation(x, self.base, self.alpha)
 
     def extra_repr(self) -> str:
+        if self.alpha.is_meta:  # a module built on the meta device holds no slope values to print
+            return f"base={self.base!r}, num_parameters={self.num_parameters}, alpha on meta (no values)"
         if self.num_parameters == 1:
             return f"base={self.base!r}, alpha={self.alpha.item():.4f}"
         a = self.alpha.detach()

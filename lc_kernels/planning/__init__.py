@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .budget import budget_plan
-from .fitting import FittedCalibration, fit_sequential, measure_fitted, site_decisions
+from .fitting import FittedCalibration, Passes, fit_stream, measure_fitted, site_decisions
 from .calibration import Calibration, chosen_of, eval_no_grad
 from .inputs import calib_batches
 from .latency import LatencyTable
@@ -18,7 +18,7 @@ from .options import PlanOptions
 from .plan import (DECISIONS, FittedSite, weights_version, FACTOR, GATED_DECISIONS, KEEP, LINEAR, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan,
                    SitePlan)
 from .gated import gated_sites, plan_gated
-from .layerwise import is_offloaded
+from .layerwise import SiteStream, is_offloaded
 from .sites import Site, collapsible_sites, find_sites
 from .threshold import build_site_plan, plan_site
 
@@ -41,6 +41,7 @@ def plan_collapse(
     round_to: int = 8,
     example: object = None,
     tokens: int | None = None,
+    select: str = "activation",
 ) -> CollapsePlan:
     """Decide, per site, which joints become linear; reads the model, never changes it.
 
@@ -71,6 +72,15 @@ def plan_collapse(
     forward order as ``collapse_(model, plan, calib=...)`` will fit them. ``fit=False`` plans
     the algebraic merge.
 
+    ``fit="global"`` (the default with calibration data) fits each site to what its output must be
+    for the dense model's stream after it to come out at the same tokens (a transformer block's
+    residual stream; a site's own dense output where there is no block stack), on the inputs the
+    replacements before it produce, so it also absorbs what those changed; ``fit="local"`` fits
+    each site to its own original function on those inputs. ``select`` ranks the channels a PARTIAL
+    joint folds: ``"activation"`` (what a linear map of the joint's input leaves unexplained of each
+    channel, times its outgoing weight norm) or ``"sensitivity"`` (that remainder weighted, token by
+    token, by the gradient of random projections of the model output: first-order Fisher).
+
     ``objective="latency"`` plans on measured time instead of FLOPs: every candidate form is timed
     on the model's device and dtype at the token count of ``example`` (or ``tokens=``), cached per
     device, dtype and shape (:mod:`~lc_kernels.planning.latency`); ``target`` is then the fraction
@@ -84,7 +94,7 @@ def plan_collapse(
                          "load_state_dict)")
     opts = PlanOptions.of(tol=tol, calib=calib, max_error=max_error, target=target, force=force,
                           objective=objective, search=search, fit=fit, forward_fn=forward_fn, round_to=round_to,
-                          example=example, tokens=tokens)
+                          example=example, tokens=tokens, select=select)
     return plan_with(model, opts)
 
 
@@ -131,6 +141,9 @@ def _gated_plan(model: nn.Module, gated: list, opts: PlanOptions) -> CollapsePla
     if opts.objective != "flops":
         raise ValueError(f"objective={opts.objective!r} is not measured for gated FFN sites yet; plan them with "
                          "objective='flops'")
+    if opts.select != "activation":
+        raise ValueError(f"select={opts.select!r} is not built for gated FFN sites yet: their kept channels are ranked "
+                         "by activation (select='activation')")
     batches = calib_batches(model, opts.calib, forward_fn=opts.forward_fn)
     with eval_no_grad(model):
         return plan_gated(model, gated, batches, opts)
@@ -161,34 +174,43 @@ def _note_latency(plan: CollapsePlan, cost) -> CollapsePlan:
 
 def _fitted_plan(model: nn.Module, sites: list[Site], batches: list, opts: PlanOptions, cost) -> CollapsePlan:
     with eval_no_grad(model):
-        cal = FittedCalibration(model, sites, batches, opts.forward_fn)
+        cal = FittedCalibration(model, sites, batches, opts.forward_fn, select=opts.select)
         plan = budget_plan(cal, opts, cost) if opts.budget else _threshold_plan(sites, opts, cost)
         plan.fit, plan.round_to = True, opts.round_to
+        engine = SiteStream(model, sites, batches, opts.forward_fn)
+        runner = Passes(model, sites, batches, opts.forward_fn)
         while True:
             changes = {i: sp for i, sp in enumerate(plan.sites) if sp.changes}
-            blocks, runner = fit_sequential(model, sites, {i: site_decisions(sp) for i, sp in changes.items()},
-                                            batches, opts.forward_fn, order=cal.order)
+            blocks, errors = fit_stream(engine, sites, {i: site_decisions(sp) for i, sp in changes.items()},
+                                        opts.fit_target)
             measured = measure_fitted(model, sites, blocks, cal, runner)
             if opts.max_error is None or measured.model_error <= opts.max_error or not changes:
                 break
             # The search estimated; the sequential fit measures. Over the bound: keep the site whose
             # output moved most, and fit again, until the plan honours max_error.
-            worst = max(changes, key=lambda i: measured.site_errors.get(i, 0.0))
+            worst = max(changes, key=lambda i: errors.get(i, 0.0))
             plan.sites[worst] = build_site_plan(sites[worst], [[] for _ in sites[worst].acts],
                                                 [f"kept: fitted in sequence the plan exceeded max_error "
                                                  f"{opts.max_error:g}"] * len(sites[worst].acts), cost)
             plan.notes.append(f"{sites[worst].path} kept after the sequential fit measured "
                               f"{measured.model_error:.3e} > max_error {opts.max_error:g}")
+    fit = opts.fit_target
     for i, sp in enumerate(plan.sites):
-        sp.est_error = measured.site_errors.get(i, 0.0) if sp.changes else 0.0
-        sp.error_source = ("calib: site not reached" if not cal.inputs[i] else "calib: fitted, in sequence")
+        sp.est_error = errors.get(i, 0.0) if sp.changes else 0.0
+        point = engine.points.get(i, "")
+        sp.error_source = ("calib: site not reached" if not cal.inputs[i] else
+                           f"calib: fitted in sequence, global target ({point})" if fit == "global" and point else
+                           "calib: fitted in sequence, local target")
     plan.measured_error = measured.model_error
+    plan.fit_target = fit
     # The plan carries its fits: collapse_ installs them without calibration data (and refits with it).
     fitted_together = tuple(sorted(sites[i].path for i in blocks))
     plan.fitted = {sites[i].path: FittedSite(b, weights_version(sites[i].module), fitted_together)
                    for i, b in blocks.items()}
+    how = ("each site fitted to what its output must be for the dense model's stream after it (global target)"
+           if fit == "global" else "each site fitted to its own original function on its current inputs (local target)")
     return _calibrated_notes(plan, cal.rows, "with every linearised joint replaced by its least-squares fit (sites "
-                             "fitted in forward order, as collapse_ will)")
+                             f"fitted in forward order, {engine.kind}; {how})")
 
 
 def _calibrated_notes(plan: CollapsePlan, rows: int, how: str) -> CollapsePlan:

@@ -193,7 +193,7 @@ def _units_fitted(cal: FittedCalibration, opts: PlanOptions, objective) -> tuple
             full = list(range(h))
             options = []
             if cal.inputs[i]:
-                order = sm.channel_scores(j, cal.ridge).argsort().tolist()
+                order = cal.scores(i, j).argsort().tolist()
                 most = keep - cost(full)
                 counts = {_round_kept(h, bisect.bisect_left(range(h), f * max(most, 0), key=lambda k: keep - cost(
                     order[:k])), opts.round_to) for f in FITTED_FRACTIONS}

@@ -14,10 +14,13 @@ Two uses:
   candidate's blocks independently from one shared pass of statistics on the original model
   (every block on its original input) and measures the model-output error with the candidates
   swapped in by forward hooks;
-* the chosen plan is fitted *in sequence* (:func:`fit_sequential`): sites and blocks in forward
-  order, each on the inputs that the already-replaced blocks upstream produce, one pass per
-  changed block (the pass stops right after the site it fits). ``collapse_`` runs the same
-  procedure on the same data, so the planned model-output error is the one measured after it.
+* the chosen plan is fitted *in sequence* (:func:`fit_stream`): sites in forward order through the
+  calibration engine (:class:`~lc_kernels.planning.layerwise.SiteStream`: block by block for a
+  stack of blocks, else one whole-model pass per site), each on the inputs the replacements
+  upstream produce, its blocks in order from the site's rows held in memory; the block that ends
+  at the site's output targets the dense model's stream after the site (``fit="global"``) or the
+  site's own function (``"local"``). The plan carries these fits; ``collapse_`` installs them, so
+  the planned model-output error is the one measured after it.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from ..algebra import (
 )
 from .calibration import Chosen
 from .cost import decisions_for, partial_conflict
-from .inputs import Batch, ForwardFn, flat_output, output_norm, run_model
+from .inputs import Batch, ForwardFn, flat_output, flat_output_grad, output_norm, run_model
 from .sites import Site, joint_width
 
 
@@ -161,17 +164,52 @@ class SiteModel:
                 b.skip = ridge_fit(st.ata[b.first], target, b.skip, ridge)
         return blocks
 
+    def _explain(self, joint: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel of ``joint``: the ridge map ``B`` from ``[h, 1]`` (the joint's Linear input) to
+        its activation, and ``B``'s explained sum of squares on the data."""
+        st = self.stats
+        ata, g = st.ata[joint], st.ats[(joint, joint)]
+        lam = ridge * float(torch.diagonal(ata).mean()) or 1.0
+        beta = torch.linalg.solve(ata + lam * torch.eye(ata.shape[0], dtype=ata.dtype, device=ata.device), g)
+        return beta, (g * beta).sum(0)
+
     def channel_scores(self, joint: int, ridge: float = FIT_RIDGE) -> torch.Tensor:
         """Per channel of ``joint``: what a linear map of the joint's input cannot explain of its
         activation on the data, times the channel's outgoing weight norm. Channels that are
         affine on the data (always active, always off, or alpha = 1) score 0 and fold first."""
-        st = self.stats
-        ata, g = st.ata[joint], st.ats[(joint, joint)]
-        lam = ridge * float(torch.diagonal(ata).mean()) or 1.0
-        explained = (g * torch.linalg.solve(ata + lam * torch.eye(ata.shape[0], dtype=ata.dtype, device=ata.device),
-                                            g)).sum(0)
-        r2 = (st.sig2[joint] - explained).clamp_min(0)
+        _, explained = self._explain(joint, ridge)
+        r2 = (self.stats.sig2[joint] - explained).clamp_min(0)
         return r2.sqrt() * self.affines[joint + 1].weight.norm(dim=0)
+
+    def sensitivity_scores(self, joint: int, x: torch.Tensor, grad_y: list[torch.Tensor],
+                           ridge: float = FIT_RIDGE) -> torch.Tensor:
+        """Per channel of ``joint``: how much the model output moves when the channel is made linear,
+        ``sqrt(sum_t E_u[g_tc^2] r_tc^2)``, with ``r_tc`` what the linear map of the joint's input
+        leaves unexplained of the channel's activation at token ``t`` and ``g_tc`` the gradient of a
+        random projection ``u . y_model`` with respect to that activation (``grad_y``: one per probe,
+        at the site's output, carried back through the site's later Linears). A diagonal, first-order
+        Fisher estimate of each channel's effect on the model output."""
+        beta, _ = self._explain(joint, ridge)
+        vals = original_values(self.affines, self.acts, x.to(torch.float64))
+        h_in = vals[0] if joint == 0 else apply_act(vals[joint], self.acts[joint - 1])
+        sig = apply_act(vals[joint + 1], self.acts[joint])
+        r = sig - with_ones(h_in) @ beta
+        g2 = torch.zeros_like(r)
+        for gy in grad_y:
+            g2 += self._joint_grad(joint, sig, gy.to(torch.float64)).pow(2)
+        return (r.pow(2) * g2 / len(grad_y)).sum(0).sqrt()
+
+    def _joint_grad(self, joint: int, sig: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        """``d(gy . y_site) / d sigma_joint`` per token, through the site's Linears after the joint."""
+        with torch.enable_grad():
+            s = sig.detach().requires_grad_(True)
+            h = s
+            for p in range(joint + 1, len(self.affines)):
+                h = torch.nn.functional.linear(h, self.affines[p].weight, self.affines[p].bias)
+                if p < len(self.affines) - 1:
+                    h = apply_act(h, self.acts[p])
+            (g,) = torch.autograd.grad((h * gy).sum(), s)
+        return g
 
 
 # The budget search compares thousands of candidate plans; a forward pass of a large model per
@@ -181,14 +219,19 @@ class SiteModel:
 # it picks is then fitted in sequence and its error measured on all of calib.
 SAMPLE_ROWS = 512
 GAIN_ROWS = 512
+# The sensitivity-based channel choice: gradients of SENS_PROBES random output projections on the
+# first SENS_ROWS calibration rows (forward + SENS_PROBES backward passes on those batches).
+SENS_ROWS = 4096
+SENS_PROBES = 4
 
 
 class FittedCalibration:
     """Statistics of every site in one pass; fitted candidates and their estimated model error."""
 
     def __init__(self, model: nn.Module, sites: list[Site], batches: list[Batch], forward_fn: ForwardFn | None,
-                 ridge: float = FIT_RIDGE):
-        self.model, self.ridge = model, ridge
+                 ridge: float = FIT_RIDGE, select: str = "activation"):
+        self.model, self.ridge, self.select = model, ridge, select
+        self._grads: list | None = None
         self.sites = [SiteModel(s) for s in sites]
         self.runner = Passes(model, sites, batches, forward_fn)
         self.order: list[int] = []
@@ -227,6 +270,61 @@ class FittedCalibration:
     @property
     def passes(self) -> int:
         return self.runner.count + self._gain_runner.count
+
+    def gradients(self, probes: int = SENS_PROBES, max_rows: int = SENS_ROWS) -> None:
+        """For the sensitivity-based channel choice: on the first calibration batches (``max_rows``
+        rows), each site's input rows and, per random probe ``u``, the gradient of ``u . y_model``
+        with respect to the site's output (``u`` standard normal over every output the model
+        returns, fixed seeds). Computed once; ``probes`` backward passes per batch."""
+        if self._grads is not None:
+            return
+        sites = [sm.site for sm in self.sites]
+        xs: list[list[torch.Tensor]] = [[] for _ in sites]
+        gs: list[list[list[torch.Tensor]]] = [[[] for _ in range(probes)] for _ in sites]
+        batches, rows = [], 0
+        for b in self.runner.batches:
+            if rows >= max_rows:
+                break
+            batches.append(b)
+            rows += b.n_rows
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for k, b in enumerate(batches):
+            eps: dict[int, torch.Tensor] = {}
+
+            def hook(i: int):
+                def f(mod, args, kwargs, out):
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    xs[i].append(b.rows(x.detach()).to(torch.float32))
+                    eps[i] = torch.zeros_like(out, requires_grad=True)
+                    return out + eps[i]  # d loss / d eps = d loss / d (site output); the graph stays whole
+                return f
+
+            handles = [s.module.register_forward_hook(hook(i), with_kwargs=True) for i, s in enumerate(sites)]
+            try:
+                with torch.enable_grad():
+                    y = flat_output_grad(run_model(self.model, b, k, self.runner.forward_fn), b)
+                    order = sorted(eps)
+                    for p in range(probes):
+                        u = torch.randn(y.shape, generator=gen).to(y)
+                        got = torch.autograd.grad((y * u).sum(), [eps[i] for i in order], retain_graph=p < probes - 1,
+                                                  allow_unused=True)
+                        for i, g in zip(order, got):
+                            gs[i][p].append(b.rows(torch.zeros_like(eps[i]) if g is None else g).to(torch.float32))
+            finally:
+                for h in handles:
+                    h.remove()
+        self._grads = [(torch.cat(x) if x else None, [torch.cat(g) for g in gp] if x else [])
+                       for x, gp in zip(xs, gs)]
+
+    def scores(self, i: int, joint: int) -> torch.Tensor:
+        """The channel scores of site ``i``'s ``joint`` under this calibration's ``select``."""
+        sm = self.sites[i]
+        if self.select == "sensitivity":
+            self.gradients()
+            x, grads = self._grads[i]
+            if x is not None:
+                return sm.sensitivity_scores(joint, x, grads, self.ridge)
+        return sm.channel_scores(joint, self.ridge)
 
     @property
     def inputs(self) -> list[bool]:
@@ -292,42 +390,54 @@ def _float64_site(blocks: list[Block]):
     return lambda x: run_blocks(blocks, x)
 
 
-def fit_sequential(model: nn.Module, sites: list[Site], plans: dict[int, tuple[list[str], list]],
-                   batches: list[Batch], forward_fn: ForwardFn | None, ridge: float = FIT_RIDGE,
-                   order: list[int] | None = None) -> tuple[dict[int, list[Block]], Passes]:
-    """Fit the plan's changed blocks in forward order, each on the inputs upstream replacements produce.
+def fit_stream(engine, sites: list[Site], plans: dict[int, tuple[list[str], list]], fit: str = "local",
+               ridge: float = FIT_RIDGE) -> tuple[dict[int, list[Block]], dict[int, float]]:
+    """Fit the plan's changed blocks site by site in forward order through the calibration engine
+    (:class:`~lc_kernels.planning.layerwise.SiteStream`), each on the inputs the replacements
+    upstream produce.
 
-    ``plans[i] = (decisions, channels per joint)`` for the sites that change. Returns the fitted
-    blocks per site (exact blocks for a site calibration never reaches).
+    Within a site every changed block targets the original site's value at its end. With
+    ``fit="global"`` the block that ends at the site's output targets instead what the site must
+    output for the dense model's stream to come out (the engine's global target), so it absorbs
+    what the sites before it changed; ``"local"`` targets the site's own function on its current
+    inputs. Returns the blocks per site (exact blocks for a site calibration never reaches) and
+    each site's relative error against its target on the calibration rows.
     """
-    passes = Passes(model, sites, batches, forward_fn)
-    if order is None:
-        order = []
-
-        def seen(i):
-            def f(x, y, batch):
-                if i not in order:
-                    order.append(i)
-            return f
-
-        passes.run(observe={i: seen(i) for i in plans})
-    order = [i for i in order if i in plans] + [i for i in plans if i not in order]
     done: dict[int, list[Block]] = {}
-    replace: dict[int, object] = {}
-    for i in order:
+    errors: dict[int, float] = {}
+    use_global = fit == "global"
+
+    def visit(i: int, rows: list) -> nn.Module | None:
         sm = SiteModel(sites[i])
         decisions, channels = plans[i]
         blocks = exact_blocks(sm.affines, sm.acts, decisions, channels)
-        for k, b in enumerate(blocks):
-            if not b.changed:
-                continue
-            neq = _BlockEquations(b, k, blocks, sm)
-            passes.run(observe={i: neq.observe}, replace=dict(replace), stop_after=i)
+        done[i] = blocks
+        if not rows:
+            return replacement(sites[i].module, collapsed_modules(sites[i].module, blocks))
+        changed = [k for k, b in enumerate(blocks) if b.changed]
+        ends = changed[-1] if changed and blocks[changed[-1]].last == len(sm.affines) - 1 else None
+        explicit = use_global and ends is not None and all(t is not None for _, _, t, _ in rows)
+        for k in changed:
+            neq = _BlockEquations(blocks[k], k, blocks, sm)
+            for x, _, t, _ in rows:
+                neq.add(x, t if explicit and k == ends else None)
             if neq.rows:
                 neq.solve(ridge)
-        done[i] = blocks
-        replace[i] = replacement(sites[i].module, collapsed_modules(sites[i].module, blocks))
-    return done, passes
+        d2 = t2 = 0.0
+        for x, _, t, _ in rows:
+            x64 = x.to(torch.float64)
+            ref = t.to(torch.float64) if explicit else original_values(sm.affines, sm.acts, x64)[-1]
+            d2 += float((run_blocks(blocks, x64) - ref).pow(2).sum())
+            t2 += float(ref.pow(2).sum())
+        errors[i] = math.sqrt(d2 / t2) if t2 > 0 else 0.0
+        return replacement(sites[i].module, collapsed_modules(sites[i].module, blocks))
+
+    engine.sweep(visit, global_target=use_global, only=set(plans))
+    for i in plans:  # sites the stream never reached keep their exact blocks
+        if i not in done:
+            sm = SiteModel(sites[i])
+            done[i] = exact_blocks(sm.affines, sm.acts, *plans[i])
+    return done, errors
 
 
 class _BlockEquations:
@@ -349,9 +459,15 @@ class _BlockEquations:
         return 0 if self.neq is None else self.neq.rows
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> None:
-        rows = batch.rows(x.detach()).to(torch.float64)
+        self.add(batch.rows(x.detach()))
+
+    def add(self, rows: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Rows of the site's input; ``target`` the block's target there (default: the original
+        site's value at the block's end)."""
+        rows = rows.to(torch.float64)
         a_in = run_blocks(self.blocks, rows, upto=self.k)
-        target = original_values(self.sm.affines, self.sm.acts, rows)[self.b.last + 1]
+        target = (original_values(self.sm.affines, self.sm.acts, rows)[self.b.last + 1] if target is None
+                  else target.to(torch.float64))
         if isinstance(self.b, PartialBlock):
             h = apply_act(torch.nn.functional.linear(a_in, self.b.fc1.weight, self.b.fc1.bias), self.b.act)
             a_in = torch.cat([h, a_in], dim=1)
@@ -407,5 +523,5 @@ def measure_fitted(model: nn.Module, sites: list[Site], blocks: dict[int, list[B
     return Measured(err, {i: math.sqrt(d2[i] / y2[i]) if y2[i] > 0 else 0.0 for i in blocks})
 
 
-__all__ = ["Passes", "SiteStats", "SiteModel", "FittedCalibration", "fit_sequential", "measure_fitted",
+__all__ = ["Passes", "SiteStats", "SiteModel", "FittedCalibration", "fit_stream", "measure_fitted",
            "site_decisions"]

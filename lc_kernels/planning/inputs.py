@@ -241,6 +241,20 @@ def flat_output(out: object, batch: Batch | None = None) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def flat_output_grad(out: object, batch: Batch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`flat_output` keeping the graph (float32 is enough for a loss)."""
+    if isinstance(out, torch.Tensor):
+        return batch.select(out).to(dtype) if out.is_floating_point() else out.new_zeros(0)
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    parts = [flat_output_grad(v, batch, dtype) for v in out if isinstance(v, (torch.Tensor, dict, tuple, list))] \
+        if isinstance(out, (tuple, list)) else []
+    parts = [p for p in parts if p.numel()]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
 def _parts(out: object, batch: Batch | None) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         if not out.is_floating_point():

@@ -1,15 +1,19 @@
-"""Calibration streamed through a model one block at a time (decoder LLMs and other deep stacks).
+"""The calibration engine: calibration streamed through a model's sites in forward order.
 
-A decoder is a ``ModuleList`` of blocks, each holding one FFN site. Instead of a forward pass of
-the whole model per site, the calibration batches are captured once where they enter the first
-block (with the keyword arguments every block receives: position embeddings, masks), then each
-block runs on the previous block's outputs: one block's activations in memory at a time, whatever
-the depth. Modules dispatched across devices or offloaded with accelerate hooks run through their
-own hooks, as in a normal forward.
+A transformer is a ``ModuleList`` of blocks, each holding one FFN site. Instead of a forward pass
+of the whole model per site, the calibration batches are captured once where they enter the first
+block (with the keyword arguments every block receives: position embeddings, masks; key/value
+caches dropped), then each block runs on the previous block's outputs: one block's activations in
+memory at a time, whatever the depth. Modules dispatched across devices or offloaded with
+accelerate hooks run through their own hooks, as in a normal forward.
 
-:class:`ModelStream` is the fallback with the same interface for models without such a stack: it
-runs the whole model per site, stopping right after the site (the classic sequential pass). Both
-give the same fits (tests check ``<= 1e-6`` in float64).
+:class:`SiteStream` visits each site with its rows on the current stream (the replacements before
+it in place) and, for global targets, what the site must output for the dense model's stream to
+come out at the same tokens: found per block by a random change of the site's output (the block's
+output for blocks that add the FFN last, the input of the norm after it for post-norm blocks).
+Models without such a stack get one whole-model pass per site that stops right after it (global
+target: the site's dense output). Both give the same fits (tests check ``<= 1e-6`` in float64).
+Gated and Linear -> act -> Linear sites are fitted through it alike.
 """
 from __future__ import annotations
 
@@ -235,18 +239,228 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
+def _is_cache(v: object) -> bool:
+    """A key/value cache object (transformers' ``Cache`` classes), recognised without importing them."""
+    return not isinstance(v, torch.Tensor) and callable(getattr(v, "get_seq_length", None))
+
+
 def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     kw = dict(kwargs)
     for k in CACHE_KWARGS:
         if kw.get(k) is not None:
             kw[k] = None
+    for k, v in kw.items():
+        if _is_cache(v):
+            kw[k] = None
     if "use_cache" in kw:
         kw["use_cache"] = False
+    args = tuple(None if _is_cache(a) else a for a in args)  # GPT-2 passes its cache positionally
     if args and isinstance(args[0], torch.Tensor):
         return tuple(args[1:]), kw
     kw.pop("hidden_states", None)
     return tuple(args), kw
 
 
-__all__ = ["BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
+# ----------------------------------------------------------------------------------------------
+# the calibration engine: sites visited in forward order on the stream the replacements produce
+
+
+NORM_NAMES = ("norm",)  # class names containing this are candidate stream points (LayerNorm, RMSNorm, ...)
+
+
+class SiteStream:
+    """Runs calibration through the sites in forward order, block by block when the model is a stack
+    of blocks (one site each), else a whole-model pass per site that stops after it.
+
+    ``sites`` are objects with ``.path`` and ``.module`` (gated or Linear -> act -> Linear sites):
+    the engine only hooks the modules. Every fitted replacement (classic and gated) and every
+    measured error comes through here.
+    """
+
+    def __init__(self, model: nn.Module, sites: list, batches: list[Batch], forward_fn: ForwardFn | None,
+                 engine: str = "auto"):
+        self.model, self.sites, self.batches, self.forward_fn = model, sites, batches, forward_fn
+        found = find_blocks(model, [s.path for s in sites]) if engine in ("auto", "layers") else None
+        if engine == "layers" and found is None:
+            raise ValueError("engine='layers' needs the sites one per entry of a single ModuleList of blocks")
+        self.blocks, self.block_of = found if found is not None else (None, None)
+        self.kind = "layer-by-layer" if found is not None else "whole-model passes"
+        self.modules = {i: s.module for i, s in enumerate(sites)}
+        self.passes = 0
+        self.points: dict[int, str] = {}  # per site: where its global target was taken ("" = none)
+        self._stream: BlockStream | None = None
+
+    @property
+    def reference(self) -> list[torch.Tensor] | None:
+        """The dense model's outputs on calib, when a block capture has measured them."""
+        return None if self._stream is None else self._stream.reference
+
+    def sweep(self, visit, global_target: bool = False, only: set[int] | None = None):
+        """For each site in forward order: ``visit(i, rows) -> replacement or None``, where ``rows`` is
+        a list per batch of ``(x, y, target, stream)`` rows on the current stream. ``target`` (with
+        ``global_target``) is what the site must output for the dense model's stream to come out at
+        the same tokens: the dense stream after the block minus the current stream before the
+        site's output is added (a block that adds its FFN last, or a post-norm block at its norm's
+        input), or, without a block stack, the dense model's output of the site itself; None where
+        no such point exists. A returned module replaces the site from then on. Sites outside
+        ``only`` are run through, never visited."""
+        if self.blocks is not None:
+            return self._sweep_blocks(visit, global_target, only)
+        return self._sweep_model(visit, global_target, only)
+
+    def _sweep_blocks(self, visit, global_target: bool, only: set[int] | None):
+        if self._stream is None:  # the dense capture serves every sweep: kwargs and the first block's inputs
+            self._stream = BlockStream(self.model, self.blocks, self.batches, self.forward_fn)
+            self.passes += 1
+        stream = self._stream
+        site_at = {b: i for i, b in enumerate(self.block_of) if only is None or i in only}
+        x_c = stream.inputs
+        x_d = list(x_c) if global_target else None
+        last = max(site_at, default=-1)
+        for j in range(last + 1):
+            i = site_at.get(j)
+            if i is None:
+                x_c = stream.run(j, x_c)
+                if x_d is not None:
+                    x_d = stream.run(j, x_d)
+                continue
+            seen: list[tuple[torch.Tensor, torch.Tensor, Batch]] = []
+            with site_hooks(self.modules, stream.batch, observe={i: lambda x, y, b: seen.append((x, y, b))}):
+                out_c = stream.run(j, x_c)
+            point = self._stream_point(stream, i, j, x_c[0], seen[0], out_c[0])
+            self.points[i] = "block output" if point == "output" else (
+                f"input of {type(point).__name__}" if point is not None else "")
+            rows = []
+            if x_d is not None:
+                out_d = stream.run(j, x_d)
+                if point is None or point == "output":
+                    at_c, at_d = out_c, out_d
+                else:  # a post-norm block: the stream is the norm's input, on both streams
+                    at_c, at_d = _inputs_of(point, stream, j, x_c), _inputs_of(point, stream, j, x_d)
+                for (x, y, b), vc, vd, od in zip(seen, at_c, at_d, out_d):
+                    # stream = rest + site output: the site output that gives the dense stream is y + (dense - current)
+                    t = None if point is None else y + (vd - vc)
+                    rows.append((b.rows(x), b.rows(y), None if t is None else b.rows(t), b.rows(od)))
+                x_d = out_d
+            else:
+                rows = [(b.rows(x), b.rows(y), None, b.rows(oc)) for (x, y, b), oc in zip(seen, out_c)]
+            new = visit(i, rows)
+            if new is None:
+                x_c = out_c
+            elif point == "output":  # the block adds its FFN's output last: swap it without running the block again
+                x_c = [oc - y + new(x).to(y.dtype) for (x, y, _), oc in zip(seen, out_c)]
+            else:
+                with site_hooks(self.modules, stream.batch, replace={i: new}):
+                    x_c = stream.run(j, x_c)
+        return stream
+
+    def _stream_point(self, stream: BlockStream, i: int, j: int, x: torch.Tensor, seen: tuple, out: torch.Tensor):
+        """Where block ``j``'s stream holds site ``i``'s output added to the rest: ``"output"`` when
+        the block returns ``stream + FFN(...)`` with nothing after the FFN (Llama, Qwen2, Phi-3, GPT-2),
+        else the normalisation module after the site whose input is such a sum (post-norm blocks:
+        BERT), else None (Gemma 2/3 normalise the FFN's output first). A random change of the site's
+        output on the first batch must show unchanged there."""
+        y = seen[1]
+        g = torch.Generator(device="cpu").manual_seed(j)
+        # as large as the stream itself, so float rounding of the sum stays far below the change
+        delta = (torch.randn(y.shape, generator=g, dtype=torch.float32) * float(out.detach().float().std() + 1e-3)).to(y)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(y.dtype, 3e-2)
+        inside = set(map(id, self.modules[i].modules()))
+        norms = [m for m in self.blocks[j].modules() if id(m) not in inside
+                 and any(k in type(m).__name__.lower() for k in NORM_NAMES)]
+        batches = stream.batches
+        stream.batches = batches[:1]
+        try:
+            base = {id(m): [] for m in norms}
+            with _capture_inputs(norms, base):
+                stream.run(j, [x])
+            moved = {id(m): [] for m in norms}
+            with _capture_inputs(norms, moved), site_hooks(self.modules, stream.batch,
+                                                          replace={i: lambda v: y + delta}):
+                got = stream.run(j, [x])[0]
+        finally:
+            stream.batches = batches
+            stream.block_runs -= 2
+        if ((got - out) - delta).norm() <= tol * delta.norm():
+            return "output"
+        for m in norms:
+            a, b = base[id(m)], moved[id(m)]
+            if len(a) == 1 and len(b) == 1 and a[0].shape == delta.shape and \
+                    ((b[0] - a[0]) - delta).norm() <= tol * delta.norm():
+                return m
+        return None
+
+    def _sweep_model(self, visit, global_target: bool, only: set[int] | None):
+        replace: dict[int, nn.Module] = {}
+        order = self._forward_order()
+        for i in order:
+            if only is not None and i not in only:
+                continue
+            dense: list[torch.Tensor] = []
+            if global_target:  # without a block stack the stream after the site is the site's own output
+                self._pass(i, lambda x, y, b: dense.append(b.rows(y)), {})
+            seen: list[tuple] = []
+            self._pass(i, lambda x, y, b: seen.append((b.rows(x), b.rows(y))), replace)
+            self.points[i] = "site output" if global_target else ""
+            rows = [(x, y, dense[k] if global_target else None, None) for k, (x, y) in enumerate(seen)]
+            new = visit(i, rows)
+            if new is not None:
+                replace[i] = new
+        return None
+
+    def _pass(self, i: int, observe: Observe, replace: dict) -> None:
+        """One pass over the batches that stops right after site ``i`` (``observe`` sees it)."""
+        current: list[Batch] = []
+
+        def stop(x, y, b):
+            observe(x, y, b)
+            raise _Stop
+
+        with site_hooks(self.modules, lambda: current[0], observe={i: stop}, replace=dict(replace)):
+            for k, b in enumerate(self.batches):
+                current[:] = [b]
+                try:
+                    run_model(self.model, b, k, self.forward_fn)
+                except _Stop:
+                    pass
+        self.passes += 1
+
+    def _forward_order(self) -> list[int]:
+        order: list[int] = []
+        current: list[Batch] = []
+
+        def seen(i):
+            def f(x, y, b):
+                if i not in order:
+                    order.append(i)
+            return f
+
+        with site_hooks(self.modules, lambda: current[0] if current else None,
+                        observe={i: seen(i) for i in range(len(self.sites))}):
+            b = self.batches[0]
+            current[:] = [b]
+            run_model(self.model, b, 0, self.forward_fn)
+        self.passes += 1
+        return order + [i for i in range(len(self.sites)) if i not in order]
+
+
+@contextmanager
+def _capture_inputs(modules: list[nn.Module], into: dict[int, list]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for m in modules:
+            h = m.register_forward_pre_hook(lambda mod, args, _l=into[id(m)]: _l.append(args[0]))
+            stack.callback(h.remove)
+        yield
+
+
+def _inputs_of(module: nn.Module, stream: BlockStream, j: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Block ``j`` run on ``inputs``; per batch, what ``module`` received inside it."""
+    got = {id(module): []}
+    with _capture_inputs([module], got):
+        stream.run(j, inputs)
+    stream.block_runs -= 1
+    return got[id(module)]
+
+
+__all__ = ["SiteStream", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
            "execution_device", "materialized"]

@@ -25,6 +25,13 @@ def check_number(name: str, v: object, *, low: float | None = None, high: float 
     return v
 
 
+# How a fitted plan ranks the channels a PARTIAL joint folds into its skip: "activation" (what a
+# linear map of the joint's input leaves unexplained of each channel, times its outgoing weight
+# norm) or "sensitivity" (that remainder weighted per token by the gradient of random projections
+# of the model output: how much the output moves; needs one backward pass per probe on a sample).
+SELECTS = ("activation", "sensitivity")
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     tol: float = 0.05
@@ -38,6 +45,7 @@ class PlanOptions:
     forward_fn: object = None
     round_to: int = 8
     tokens: int | None = None  # objective="latency": rows each site sees per call
+    select: str = "activation"  # how PARTIAL channels are ranked: see SELECTS
 
     @property
     def fitted(self) -> bool:
@@ -46,11 +54,11 @@ class PlanOptions:
 
     @property
     def fit_target(self) -> str:
-        """What a fitted gated replacement reproduces: ``"global"`` (the dense model's stream after its
-        block, the default: on SmolLM2 at half the FFN FLOPs it measured final-hidden-state error
-        0.21 against 0.30 and held-out perplexity 118.2 against 119.5,
-        benchmarks/results/experiments/llm_ffn.md) or ``"local"`` (its site's own dense function on
-        the inputs it now sees)."""
+        """What a fitted replacement reproduces: ``"global"`` (the dense model's stream after the site,
+        the default: on SmolLM2 at half the FFN FLOPs it measured final-hidden-state error 0.21
+        against 0.30 and held-out perplexity 118.2 against 119.5, llm_ffn.md; on all-MiniLM-L6-v2
+        at half the FFN FLOPs held-out cosine 0.935 against 0.930, fitted_encoder.md) or
+        ``"local"`` (its site's own dense function on the inputs it now sees)."""
         return "local" if self.fit == "local" else "global"
 
     @property
@@ -61,7 +69,8 @@ class PlanOptions:
     def of(cls, *, tol: float = 0.05, calib: object = None, max_error: float | None = None,
            target: float | None = None, force: bool = False, objective: str = "flops",
            search: str = "auto", fit: bool | str | None = None, forward_fn: object = None,
-           round_to: int = 8, example: object = None, tokens: int | None = None) -> "PlanOptions":
+           round_to: int = 8, example: object = None, tokens: int | None = None,
+           select: str = "activation") -> "PlanOptions":
         """Check every option once; errors name the option, what arrived and what is expected."""
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0 (max |1 - alpha| to collapse), got {tol!r}")
@@ -99,7 +108,10 @@ class PlanOptions:
         elif tokens is not None or example is not None:
             raise ValueError(f"example= and tokens= set the token count of objective='latency'; objective is "
                              f"{objective!r}")
-        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to, tokens)
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS} (how the channels a PARTIAL site folds are ranked), "
+                             f"got {select!r}")
+        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to, tokens, select)
         if opts.budget and calib is None:
             raise ValueError("max_error and target are measured on calibration data: pass calib= (a batch of "
                              "typical inputs, an (input, target) tuple or a DataLoader)")

@@ -16,7 +16,7 @@ from ..planning.plan import weights_version
 from ..planning import DECISIONS, GATED_DECISIONS, KEEP, LINEAR, PARTIAL, CollapsePlan, SitePlan, plan_collapse
 from ..planning.calibration import eval_no_grad
 from ..planning.cost import partial_conflict
-from ..planning.fitting import fit_sequential, site_decisions
+from ..planning.fitting import fit_stream, site_decisions
 from ..planning.gated import GatedSite, SiteStream, fit_plan
 from ..planning.layerwise import is_offloaded, materialized
 from ..planning.inputs import calib_batches
@@ -123,8 +123,8 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
         sites = [site_of(m, sp.path) for m, sp in zip(mods, plan.sites)]
         batches = calib_batches(model, calib, forward_fn=forward_fn)
         with eval_no_grad(model):
-            blocks, _ = fit_sequential(model, sites, {i: site_decisions(sp) for i, sp in changing.items()}, batches,
-                                       forward_fn)
+            blocks, _ = fit_stream(SiteStream(model, sites, batches, forward_fn),
+                                   sites, {i: site_decisions(sp) for i, sp in changing.items()}, plan.fit_target or "local")
     training_bn = [sp.path for i, sp in changing.items() if any(
         isinstance(n, nn.BatchNorm1d) and n.training for n in ([mods[i].norm] if isinstance(mods[i], LCFusedMLP)
                                                                  else list(mods[i].norms)))]
