@@ -247,3 +247,20 @@ def test_fit_stream_matches_the_planned_fit():
     lc.collapse_(a, plan)
     lc.collapse_(b, plan, calib=calib)
     assert rel_err(output_on(a, calib), output_on(b, calib)) < 1e-6
+
+
+def test_sensitivity_without_a_gradient_path_falls_back_to_activation():
+    """A forward_fn that runs the model under no_grad gives no gradients: the plan ranks channels
+    by activation, exactly as select='activation' does."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 40), nn.GELU(), nn.Linear(40, 10)).double()
+    lc.prepare_(m)
+    x = torch.randn(200, 10, dtype=torch.float64)
+
+    def no_grad_forward(model, batch):
+        with torch.no_grad():
+            return model(batch)
+
+    plans = [lc.plan_collapse(copy.deepcopy(m), calib=x, target=0.4, select=s, forward_fn=no_grad_forward)
+             for s in ("activation", "sensitivity")]
+    assert plans[0].sites[0].joints[0].linear_channels == plans[1].sites[0].joints[0].linear_channels

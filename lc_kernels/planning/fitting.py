@@ -201,6 +201,8 @@ class SiteModel:
 
     def _joint_grad(self, joint: int, sig: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
         """``d(gy . y_site) / d sigma_joint`` per token, through the site's Linears after the joint."""
+        if joint + 2 == len(self.affines):  # the last joint: one Linear after it
+            return gy @ self.affines[-1].weight
         with torch.enable_grad():
             s = sig.detach().requires_grad_(True)
             h = s
@@ -222,7 +224,7 @@ GAIN_ROWS = 512
 # The sensitivity-based channel choice: gradients of SENS_PROBES random output projections on the
 # first SENS_ROWS calibration rows (forward + SENS_PROBES backward passes on those batches).
 SENS_ROWS = 4096
-SENS_PROBES = 4
+SENS_PROBES = 2
 
 
 class FittedCalibration:
@@ -304,17 +306,20 @@ class FittedCalibration:
                 with torch.enable_grad():
                     y = flat_output_grad(run_model(self.model, b, k, self.runner.forward_fn), b)
                     order = sorted(eps)
-                    for p in range(probes):
+                    for p in range(probes if y.requires_grad else 0):
                         u = torch.randn(y.shape, generator=gen).to(y)
                         got = torch.autograd.grad((y * u).sum(), [eps[i] for i in order], retain_graph=p < probes - 1,
                                                   allow_unused=True)
                         for i, g in zip(order, got):
-                            gs[i][p].append(b.rows(torch.zeros_like(eps[i]) if g is None else g).to(torch.float32))
+                            if g is not None:  # None: the output does not depend on the site (no gradient path)
+                                gs[i][p].append(b.rows(g).to(torch.float32))
             finally:
                 for h in handles:
                     h.remove()
-        self._grads = [(torch.cat(x) if x else None, [torch.cat(g) for g in gp] if x else [])
-                       for x, gp in zip(xs, gs)]
+        # A site without a gradient on every batch (a forward_fn under no_grad, a detached output)
+        # keeps the activation-based ranking.
+        self._grads = [(torch.cat(x), [torch.cat(g) for g in gp]) if x and all(len(g) == len(x) for g in gp)
+                       else (None, []) for x, gp in zip(xs, gs)]
 
     def scores(self, i: int, joint: int) -> torch.Tensor:
         """The channel scores of site ``i``'s ``joint`` under this calibration's ``select``."""
