@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .calibration import Calibration, Chosen
 from .fitting import FittedCalibration
-from .cost import site_cost
+from .cost import cost_model, site_cost
 from .options import PlanOptions
 from .plan import CollapsePlan
 from .sites import joint_width
@@ -266,4 +266,4 @@ def budget_plan(cal: Calibration | FittedCalibration, opts: PlanOptions, cost=No
 
 
 def _name(objective) -> str:
-    return objective if isinstance(objective, str) else "latency"
+    return getattr(cost_model(objective), "name", "latency")

@@ -18,16 +18,42 @@ def linear_macs(d_in: int, d_out: int) -> int:
     return d_in * d_out
 
 
+class CountCost:
+    """FLOPs per token or parameters: the counting cost models.
+
+    Every cost model answers the same three questions — ``for_site(site)`` (its view for one site),
+    ``linear(d_in, d_out, joint)`` (a Linear, with joint ``joint``'s activation fused after it or
+    None) and ``partial(d_in, kept, d_out, joint)`` (a PARTIAL block: a ``d_in -> kept -> d_out``
+    MLP plus a ``d_in -> d_out`` skip) — so the planner never asks which one it holds; the measured
+    :class:`~lc_kernels.planning.latency.LatencyTable` is the third.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def for_site(self, site: Site) -> "CountCost":
+        return self
+
+    def linear(self, d_in: int, d_out: int, joint: int | None = None) -> float:
+        return 2 * linear_macs(d_in, d_out) if self.name == "flops" else d_in * d_out + d_out
+
+    def partial(self, d_in: int, kept: int, d_out: int, joint: int | None = None) -> float:
+        mlp = 2 * (d_in * kept + kept * d_out) if self.name == "flops" else d_in * kept + kept + kept * d_out + d_out
+        return mlp + self.linear(d_in, d_out)
+
+
+COUNTS = {"flops": CountCost("flops"), "params": CountCost("params")}
+
+
+def cost_model(objective):
+    """The cost model an ``objective`` names (``"flops"``, ``"params"``) or is (a latency table)."""
+    return COUNTS[objective] if isinstance(objective, str) else objective
+
+
 def group_cost(widths: list[int], p: int, q: int, objective="flops") -> float:
-    """Cost of the Linears p..q multiplied into one map: FLOPs/token, parameters, or — with a
-    site's :class:`~lc_kernels.planning.latency.SiteLatency` as ``objective`` — measured seconds
+    """Cost of the Linears p..q multiplied into one map under the cost model ``objective``
     (joint ``q``'s activation fused in, unless it is the site's last Linear)."""
-    d_in, d_out = widths[p], widths[q + 1]
-    if objective == "flops":
-        return 2 * linear_macs(d_in, d_out)
-    if objective == "params":
-        return d_in * d_out + d_out
-    return objective.linear(d_in, d_out, q if q < len(widths) - 2 else None)
+    return cost_model(objective).linear(widths[p], widths[q + 1], q if q < len(widths) - 2 else None)
 
 
 def chain_groups(widths: list[int], linear_joint: list[bool], objective: str = "flops") -> list[tuple[int, int]]:
@@ -109,13 +135,7 @@ def decisions_cost(widths: list[int], decisions: list[str], linear_channels=None
         if q < n - 1 and decisions[q] == PARTIAL:
             _, r = groups[g + 1]
             k = widths[q + 1] - len(channels[q] or [])
-            d_in, d_out = widths[p], widths[r + 1]
-            if objective == "flops":
-                cost += 2 * (d_in * k + k * d_out) + group_cost([d_in, d_out], 0, 0, objective)
-            elif objective == "params":
-                cost += d_in * k + k + k * d_out + d_out + group_cost([d_in, d_out], 0, 0, objective)
-            else:
-                cost += objective.partial(d_in, k, d_out, q)
+            cost += cost_model(objective).partial(widths[p], k, widths[r + 1], q)
             g += 2
             continue
         cost += group_cost(widths, p, q, objective)
@@ -126,7 +146,7 @@ def decisions_cost(widths: list[int], decisions: list[str], linear_channels=None
 def site_objective(objective, site: Site):
     """``objective`` as seen for ``site``: a latency table becomes the site's view of it, which
     times every joint with that joint's own activation."""
-    return objective.for_site(site) if hasattr(objective, "for_site") else objective
+    return cost_model(objective).for_site(site)
 
 
 def decisions_for(site: Site, chosen: list[list[int]], objective: str = "flops"

@@ -111,6 +111,9 @@ class SiteLatency:
     def __init__(self, table: LatencyTable, acts: list[str]):
         self.table, self.acts = table, acts
 
+    def for_site(self, site: Site) -> "SiteLatency":
+        return self
+
     def linear(self, d_in: int, d_out: int, joint: int | None) -> float:
         return self.table.linear(d_in, d_out, "identity" if joint is None else self.acts[joint])
 
