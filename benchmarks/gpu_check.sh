@@ -5,7 +5,8 @@
 # kernel / op / compile tests natively (no interpreter), benchmarks the transformer MLP shapes in
 # bf16 and fp16 against eager and torch.compile (default and max-autotune), measures the
 # constants prefer_fused_mlp assumes (matmul peak, bandwidth, launch cost), checks and times the
-# gated op (fused_gated_linear) against two Linears at Llama shapes, compiles every kernel
+# gated op (fused_gated_linear) against two Linears at Llama shapes, times a small model's first call
+# with and without lc.warmup (fresh processes, private caches), compiles every kernel
 # config ahead of time for the device's architecture, and writes it all to
 # benchmarks/results/<device>-<date>.{md,json}. It checks its own elapsed time and skips a step
 # that would run past the budget (LC_GPU_BUDGET_S, default 480 s).
@@ -64,6 +65,8 @@ if [ "$DRY" = 0 ]; then
         tests/test_gated_op.py
     # Before the long MLP benchmarks, so the default budget still reaches the newest kernel.
     step gated 120 $PY benchmarks/gated_check.py --json "$OUT-gated.json" --markdown "$OUT-gated.md"
+    # First-call latency with and without lc.warmup, each in a fresh process with private caches.
+    step warmup-latency 120 $PY benchmarks/warmup_latency.py --json "$OUT-warmup.json" --markdown "$OUT-warmup.md"
     step bench-eager-compile 150 $PY -m lc_kernels.cli bench --dtype bfloat16 float16 \
         --shapes vit_small vit_base gpt2_medium bottleneck deep_chain vit_tiny_encoder \
         --json "$OUT-bench.json" --markdown "$OUT-bench.md"
@@ -79,6 +82,8 @@ else
     step constants-cpu 30 $PY benchmarks/gpu_constants.py --quick --json "$OUT-constants.json"
     step gated-cpu 60 $PY benchmarks/gated_check.py --quick --no-compile --json "$OUT-gated.json" \
         --markdown "$OUT-gated.md"
+    step warmup-latency-cpu 60 $PY benchmarks/warmup_latency.py --quick --json "$OUT-warmup.json" \
+        --markdown "$OUT-warmup.md"
     if [ -f benchmarks/aot_compile.py ]; then
         step aot-compile-cpu 120 $PY benchmarks/aot_compile.py --arch 90 --json "$OUT-aot.json" --md "$OUT-aot.md"
     fi
@@ -92,7 +97,7 @@ print(f'torch {torch.__version__}, triton', __import__('triton').__version__ if 
     echo
     for s in "${STATUS[@]}"; do echo "- $s"; done
     echo
-    for f in "$OUT-constants.json" "$OUT-bench.md" "$OUT-autotune.md" "$OUT-gated.md" "$OUT-aot.md"; do
+    for f in "$OUT-constants.json" "$OUT-bench.md" "$OUT-autotune.md" "$OUT-gated.md" "$OUT-warmup.md" "$OUT-aot.md"; do
         [ -f "$f" ] && { echo "## $(basename "$f")"; echo; cat "$f"; echo; }
     done
 } > "$OUT.md"
@@ -100,7 +105,7 @@ $PY - "$OUT" "${STATUS[@]}" <<'PYEOF'
 import json, sys
 out, status = sys.argv[1], sys.argv[2:]
 parts = {}
-for suffix in ("constants", "bench", "autotune", "gated", "aot"):
+for suffix in ("constants", "bench", "autotune", "gated", "warmup", "aot"):
     try:
         with open(f"{out}-{suffix}.json") as f:
             parts[suffix] = json.load(f)

@@ -9,6 +9,7 @@ from .speedup import SpeedupReport, speedup  # noqa: E402
 from .regularizer import CollapseRegularizer, alpha_param_groups, collapse_loss  # noqa: E402
 from .transforms import (collapse_, load_collapsed, load_pretrained, prepare_, save_collapsed,  # noqa: E402
                          save_pretrained, strip_)
+from .warmup import WarmupReport, warmup  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -37,4 +38,6 @@ __all__ = [
     "SpeedupReport",
     "finetune",
     "FinetuneHistory",
+    "warmup",
+    "WarmupReport",
 ]

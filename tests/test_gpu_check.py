@@ -18,5 +18,5 @@ def test_gpu_check_dry_run_passes_on_cpu():
                          text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "CPU dry run" in out.stdout
-    for step in ("tests-cpu: ok", "bench-cpu: ok", "constants-cpu: ok", "gated-cpu: ok"):
+    for step in ("tests-cpu: ok", "bench-cpu: ok", "constants-cpu: ok", "gated-cpu: ok", "warmup-latency-cpu: ok"):
         assert step in out.stdout, out.stdout[-3000:]

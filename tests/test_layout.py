@@ -22,7 +22,7 @@ RANKS = {
     "planning": 5,
     "transforms": 6,
     "finetune": 7,
-    "compress": 8, "speedup": 8,
+    "compress": 8, "speedup": 8, "warmup": 8,
     "": 9,  # lc_kernels/__init__.py, the public surface
     "cli": 10,
 }

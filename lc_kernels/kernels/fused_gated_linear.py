@@ -92,7 +92,8 @@ CONFIGS = [
 # The interpreter runs each program in numpy: one small tile, no tuning (see fused_linear).
 INTERPRETER_CONFIGS = [tile_config(16, 16, 16, 1, 1)]
 
-AUTOTUNE_KEY = ["H", "K", "M_BUCKET"]
+# Shape and code-changing constexprs (see fused_linear); Triton appends each tensor's dtype itself.
+AUTOTUNE_KEY = ["H", "K", "M_BUCKET", "ACT", "HAS_BIAS", "HAS_ALPHA", "INPUT_PRECISION", "DOT_IN_FP32"]
 
 
 # Per stage one x tile and both W halves' tiles (2 x BLOCK_N x BLOCK_K) in shared memory; the

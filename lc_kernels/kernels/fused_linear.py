@@ -119,7 +119,9 @@ CONFIGS = [
 # tile, no tuning, and tails on every axis of the tiny test shapes.
 INTERPRETER_CONFIGS = [tile_config(16, 16, 16, 1, 1)]
 
-AUTOTUNE_KEY = ["N", "K", "M_BUCKET"]
+# Everything that changes the best config: the shape, and the constexprs that compile to different
+# code (activation, bias and alpha loads, dot precision); Triton appends each tensor's dtype itself.
+AUTOTUNE_KEY = ["N", "K", "M_BUCKET", "ACT", "HAS_BIAS", "HAS_ALPHA", "INPUT_PRECISION", "DOT_IN_FP32"]
 
 # Per stage one x tile and one W tile in shared memory; configs over sm_80's limit are pruned
 # (see tuning).

@@ -93,4 +93,5 @@ MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)
 
 INTERPRETER_CONFIGS = [_config(16, 16, 16, 16, 1, 1)]
 
-AUTOTUNE_KEY = ["N", "K", "H", "M_BUCKET"]
+# Shape and code-changing constexprs (see fused_linear); Triton appends each tensor's dtype itself.
+AUTOTUNE_KEY = ["N", "K", "H", "M_BUCKET", "ACT", "HAS_B1", "HAS_ALPHA", "HAS_B2", "INPUT_PRECISION", "DOT_IN_FP32"]

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import dispatch, partial
+from ..ops.fused_linear_op import needs_autograd
 from .activation import CollapsibleActivation
 from .convert import to_collapsible
 from .mlp import check_input
@@ -155,6 +157,10 @@ class LCGatedMLP(nn.Module):
         check_input(x, self.in_features, "LCGatedMLP")
         if self.form == "linear":
             return self._skip(x, self.skip.bias)
+        if self.form == "partial" and self._shared(x):
+            gu, down = self.gate_up_proj, self.down_proj
+            return partial.shared_gated(x, gu.weight, gu.bias, self.act.alpha, self.act.base, self.skip.weight,
+                                        down.weight, down.bias)
         h = self.hidden(x)
         if self.form == "gated":
             return self.down_proj(h)
@@ -166,6 +172,20 @@ class LCGatedMLP(nn.Module):
         y2 = y.view(-1, y.shape[-1])
         y2.addmm_(h.reshape(-1, h.shape[-1]), self.down_proj.weight.t())
         return y
+
+    def _shared(self, x: torch.Tensor) -> bool:
+        """Whether this PARTIAL block runs the shared-first-GEMM form (``ops/partial.py``): packed
+        gate and up, a full-rank skip, lc.warmup measured that form faster at this shape (asked
+        first: one lookup when nothing was), no offloading hooks, and inference."""
+        if not self.packed or "skip_in" in self._modules:
+            return False
+        gu, down, act = self.gate_up_proj, self.down_proj, self.act
+        if dispatch.partial_form(x, self.in_features, gu.out_features // 2, self.out_features, act.base,
+                                 gated=True) != dispatch.SHARED:
+            return False
+        if _hooked(gu) or _hooked(act) or _hooked(down) or _hooked(self.skip):
+            return False
+        return not needs_autograd(x, gu.weight, gu.bias, act.alpha, down.weight, down.bias, self.skip.weight)
 
     def spec(self) -> dict:
         """What rebuilds this module empty (:meth:`empty`): form, widths, activation, bias, rank."""

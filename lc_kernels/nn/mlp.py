@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..ops import dispatch
-from ..ops.fused_linear_op import linear_act
+from ..ops.fused_linear_op import linear_act, needs_autograd
 from ..ops.fused_mlp_op import mlp_act
+from ..ops.partial import shared_mlp
 from .activation import CollapsibleActivation
 from .convert import to_collapsible
 from .match import parse_chain
@@ -253,8 +254,15 @@ class LCFusedMLP(nn.Module):
             h = joint_forward(fc1(x), act, norm, self.norm_pre, drop)
             return fc2(h) if skip is None else _skip_plus(x, skip, h, fc2)
         if skip is not None:
-            # PARTIAL: two GEMMs on every path, so that fc2 accumulates onto the skip's output.
-            return _skip_plus(x, skip, linear_act(x, w1, b1, _alpha(act), act.base), fc2)
+            alpha, base = _alpha(act), act.base
+            ws = _weight_bias(skip)[0]
+            w2, b2 = _weight_bias(fc2)
+            if (not needs_autograd(x, w1, b1, alpha, ws, w2, b2)
+                    and dispatch.partial_form(x, self.in_features, w1.shape[0], w2.shape[0], base) == dispatch.SHARED):
+                # lc.warmup measured one GEMM over [W1; S] faster at this shape (ops/partial.py).
+                return shared_mlp(x, w1, b1, alpha, base, ws, w2, b2)
+            # PARTIAL: separate GEMMs, so that fc2 accumulates onto the skip's output.
+            return _skip_plus(x, skip, linear_act(x, w1, b1, alpha, base), fc2)
         # mlp_act holds the plan rule: on CUDA the fused kernel or two GEMMs (prefer_fused_mlp).
         return mlp_act(x, w1, b1, _alpha(act), act.base, *_weight_bias(fc2))
 
@@ -336,9 +344,18 @@ class LCChain(nn.Module):
         last = len(self.linears) - 1
         skips = self._modules.get("skips")
         block_in = x
+        done = -1  # the last Linear already applied (a shared-form PARTIAL block applies two)
         for i, lin in enumerate(self.linears):
+            if i <= done:
+                continue
             if skips is not None and str(i) in skips:
                 block_in = x  # Linears i and i+1 are the narrow MLP of a partial block
+                if self._shared_block(x, i, skips[str(i)]):
+                    x = self._shared_forward(x, i, skips[str(i)])
+                    done = i + 1
+                    if done < last:
+                        x = joint_forward(x, self.acts[done], self.norms[done], self.norm_pre[done], self.drops[done])
+                    continue
             closes_block = skips is not None and str(i - 1) in skips
             if i < last and not closes_block and self._fusable(i):
                 # Linear and activation in one op: the same path as LCFusedMLP (fused on CUDA,
@@ -354,6 +371,28 @@ class LCChain(nn.Module):
                 if i < last:
                     x = joint_forward(x, self.acts[i], self.norms[i], self.norm_pre[i], self.drops[i])
         return x
+
+    def _block_operands(self, i: int, skip: nn.Linear) -> tuple:
+        """``(w1, b1, alpha, act, skip weight, w2, b2)`` of the partial block at joint ``i``."""
+        act = self.acts[i]
+        alpha, base = (_alpha(act), act.base) if isinstance(act, CollapsibleActivation) else (None, "identity")
+        w1, b1 = _weight_bias(self.linears[i])
+        return (w1, b1, alpha, base, _weight_bias(skip)[0], *_weight_bias(self.linears[i + 1]))
+
+    def _shared_block(self, x: torch.Tensor, i: int, skip: nn.Linear) -> bool:
+        """Whether the partial block at joint ``i`` runs the shared-first-GEMM form: lc.warmup measured
+        that form faster at this shape (asked first: one lookup when nothing was), an activation-only
+        joint, and inference."""
+        first, second, act = self.linears[i], self.linears[i + 1], self.acts[i]
+        base = act.base if isinstance(act, CollapsibleActivation) else "identity"
+        form = dispatch.partial_form(x, first.in_features, first.out_features, second.out_features, base)
+        if form != dispatch.SHARED:
+            return False
+        w1, b1, alpha, _, ws, w2, b2 = self._block_operands(i, skip)
+        return self._fusable(i) and not needs_autograd(x, w1, b1, alpha, ws, w2, b2)
+
+    def _shared_forward(self, x: torch.Tensor, i: int, skip: nn.Linear) -> torch.Tensor:
+        return shared_mlp(x, *self._block_operands(i, skip))
 
     def _fusable(self, i: int) -> bool:
         """Joint ``i`` is only an activation (no BatchNorm, no live dropout between the Linears)."""

@@ -1,12 +1,16 @@
-"""Dispatch policy: which path an op takes (:func:`use_triton`) and which plan a pair takes
-(:func:`prefer_fused_mlp`)."""
+"""Dispatch policy: which path an op takes (:func:`use_triton`), which plan a pair takes
+(:func:`prefer_fused_mlp`, with its constants per device and dtype) and which form a PARTIAL
+block runs (:func:`partial_form`); measured per-shape choices (``lc.warmup``, :mod:`.tables`)
+decide first where they exist."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from .. import _config
+from . import tables
 
 
 ATEN, TRITON, INTERPRET = "aten", "triton", "interpret"
@@ -47,7 +51,8 @@ def plain_gemm_to_aten(path: str) -> bool:
 
 
 # H100 SXM datasheet figures (dense bf16 989 TFLOP/s, HBM3 3.35 TB/s) and a typical eager launch
-# cost: a roofline estimate until benchmarks/gpu_check.sh measures them on the device.
+# cost: the documented default of the roofline rule for every device and dtype that has neither an
+# entry in ROOFLINES nor a measurement (lc.warmup on CUDA, benchmarks/gpu_constants.py).
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
 LAUNCH_S = 3e-6
@@ -56,20 +61,75 @@ LINEAR_TILE = (128, 128)
 MLP_TILE = (64, 128)
 
 
+@dataclass(frozen=True)
+class Roofline:
+    """What :func:`prefer_fused_mlp`'s cost rule assumes about one device and dtype."""
+
+    peak_flops: float  # dense matmul FLOP/s
+    peak_bytes: float  # memory bandwidth, bytes/s
+    launch_s: float  # one eager kernel launch, seconds
+
+
+DEFAULT_ROOFLINE = Roofline(PEAK_FLOPS, PEAK_BYTES, LAUNCH_S)
+
+# (compute capability, dtype) -> constants. Only datasheet figures for the device the rule was
+# written for; anything else falls back to DEFAULT_ROOFLINE until measured, and a measurement
+# (lc.warmup on CUDA stores one per capability and dtype) takes precedence over this table.
+ROOFLINES: dict[tuple[tuple[int, int], torch.dtype], Roofline] = {
+    ((9, 0), torch.bfloat16): DEFAULT_ROOFLINE,
+    ((9, 0), torch.float16): DEFAULT_ROOFLINE,
+}
+
+
+def roofline(capability: tuple[int, int] | None, dtype: torch.dtype | None) -> Roofline:
+    """The constants for a device of ``capability`` in ``dtype``: measured, else ``ROOFLINES``,
+    else the H100-bf16 default."""
+    measured = tables.rooflines.get((capability, dtype))
+    if measured is not None:
+        return Roofline(*measured)
+    return ROOFLINES.get((capability, dtype), DEFAULT_ROOFLINE)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _kernel_seconds(flops: int, elems: int, tiles: int, sms: int) -> float:
-    """Roofline time of one kernel (2-byte elements), slowed by the share of idle SMs."""
-    return max(flops / PEAK_FLOPS, 2 * elems / PEAK_BYTES) * max(1.0, sms / max(tiles, 1))
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    try:
+        return torch.cuda.get_device_capability(device)
+    except (RuntimeError, AssertionError):  # no driver: fake CUDA tensors (the dispatch tests)
+        return None
 
 
-def prefer_fused_mlp(M: int, K: int, H: int, N: int, device: torch.device | str) -> bool:
+def _kernel_seconds(flops: int, elems: int, tiles: int, sms: int, roof: Roofline, elem_bytes: int) -> float:
+    """Roofline time of one kernel, slowed by the share of idle SMs."""
+    return max(flops / roof.peak_flops, elem_bytes * elems / roof.peak_bytes) * max(1.0, sms / max(tiles, 1))
+
+
+def as_device(device: object, who: str) -> torch.device:
+    """``device`` as a ``torch.device``; a clear error for anything that is not one."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{who}: device must be a torch.device or a string such as 'cuda', 'cuda:0' or 'cpu', "
+                        f"got {type(device).__name__} {device!r}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{who}: device {device!r} is not a device torch knows; expected a torch.device or a "
+                         f"string such as 'cuda', 'cuda:0' or 'cpu' ({e})") from None
+
+
+def prefer_fused_mlp(M: int, K: int, H: int, N: int, device: torch.device | str,
+                     dtype: torch.dtype | None = None) -> bool:
     """Whether ``fused_mlp`` beats two ``fused_linear`` calls for ``(M, K) -> H -> N``.
 
-    Cost rule on CUDA, a roofline estimate of both plans (2-byte activations):
+    A choice measured for this shape (``lc.warmup`` on CUDA times both plans per site and token
+    count, see :mod:`.tables`) decides first. Otherwise a roofline estimate of both plans, with
+    the constants of :func:`roofline` for the device's capability and ``dtype`` (``None``: 2-byte
+    elements and the bf16 constants):
 
     * two calls: ``2MKH`` FLOPs moving ``MK + HK + MH`` elements, then ``2MHN`` FLOPs moving
       ``MH + NH + MN``, plus one more launch;
@@ -85,19 +145,56 @@ def prefer_fused_mlp(M: int, K: int, H: int, N: int, device: torch.device | str)
 
     Off CUDA both plans run the same aten work (two GEMMs, in-place epilogue) and the fused op
     is one dispatch instead of two, so this returns True.
+
+    Raises:
+        ValueError: ``device`` is a string torch does not know (``"gpu"``).
+        TypeError: ``device`` is neither a ``torch.device`` nor a string.
     """
     if not isinstance(device, torch.device):
-        device = torch.device(device)
+        device = as_device(device, "prefer_fused_mlp")
     if device.type != "cuda":
         return True
+    if device.index is None:
+        device = tables.normalize(device)
+    if dtype is not None and not torch.compiler.is_compiling():
+        choice = tables.measured("fused_mlp", device, dtype, M, K, H, N)
+        if choice is not None:
+            return choice == FUSED
+    return roofline_prefers_fused(M, K, H, N, device, dtype)
+
+
+def roofline_prefers_fused(M: int, K: int, H: int, N: int, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """:func:`prefer_fused_mlp`'s cost rule alone (no measured choice) on a CUDA ``device``."""
     sms = _sm_count(device)
+    roof = roofline(_capability(device), dtype)
+    elem = 2 if dtype is None else dtype.itemsize
     lm, ln = LINEAR_TILE
     fm, fn = MLP_TILE
     n_tiles = -(-N // fn)
     two = (
-        _kernel_seconds(2 * M * K * H, M * K + H * K + M * H, -(-M // lm) * -(-H // ln), sms)
-        + _kernel_seconds(2 * M * H * N, M * H + N * H + M * N, -(-M // lm) * -(-N // ln), sms)
-        + LAUNCH_S
+        _kernel_seconds(2 * M * K * H, M * K + H * K + M * H, -(-M // lm) * -(-H // ln), sms, roof, elem)
+        + _kernel_seconds(2 * M * H * N, M * H + N * H + M * N, -(-M // lm) * -(-N // ln), sms, roof, elem)
+        + roof.launch_s
     )
-    fused = _kernel_seconds(2 * M * H * (K * n_tiles + N), M * K + H * K + N * H + M * N, -(-M // fm) * n_tiles, sms)
+    fused = _kernel_seconds(2 * M * H * (K * n_tiles + N), M * K + H * K + N * H + M * N,
+                            -(-M // fm) * n_tiles, sms, roof, elem)
     return fused < two
+
+
+# Measured choices (ops.tables kinds): a PARTIAL block's two forms, fused_mlp's two plans.
+SEPARATE, SHARED = "separate", "shared"
+FUSED, TWO = "fused", "two"
+
+
+def partial_form(x: torch.Tensor, d_in: int, kept: int, d_out: int, act: str, gated: bool = False) -> str:
+    """Which form a PARTIAL block runs for input ``x``: ``"separate"`` (the skip GEMM writes the
+    output and ``fc2`` accumulates onto it; the default) or ``"shared"`` (one GEMM over
+    ``[W1; S]`` gives the kept pre-activations and the skip's output at once), as ``lc.warmup``
+    measured for this shape, device and dtype. Eager calls only: under ``torch.compile`` or export
+    the default form runs.
+    """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return SEPARATE
+    m = x.numel() // d_in if d_in else 0
+    choice = tables.measured("gated_partial" if gated else "partial", x.device, x.dtype, m, d_in, kept, d_out, act)
+    return SEPARATE if choice is None else choice

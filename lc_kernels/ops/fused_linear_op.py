@@ -141,7 +141,13 @@ def cpu_linear_act(
     epilogue works in place on F.linear's fresh output, so it makes no pass over (M, N) memory
     that ``nn.Sequential(Linear, act)`` does not; at alpha = 0 it makes the same aten calls.
     """
-    z = F.linear(x, weight, bias)
+    return activate_(F.linear(x, weight, bias), alpha, act)
+
+
+def activate_(z: torch.Tensor, alpha: Optional[torch.Tensor], act: str) -> torch.Tensor:
+    """``sigma_alpha(z)`` on a pre-activation the caller owns, in place where it can be (use the
+    return value): :func:`cpu_linear_act`'s epilogue, also for column slices of a wider GEMM's
+    output (``ops.partial``'s shared form)."""
     if alpha is None or act == "identity" or alpha_is_zero(alpha):
         _BASE_INPLACE[act](z)
         return z

@@ -128,7 +128,7 @@ def mlp_act(
         return reference.fused_mlp(x, w1, b1, alpha, act, w2, b2)
     if choose_plan and x.is_cuda:
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not dispatch.prefer_fused_mlp(m, w1.shape[1], w1.shape[0], w2.shape[0], x.device):
+        if not dispatch.prefer_fused_mlp(m, w1.shape[1], w1.shape[0], w2.shape[0], x.device, x.dtype):
             return linear_act(linear_act(x, w1, b1, alpha, act), w2, b2)
     if torch.compiler.is_compiling():
         return _op(x, w1, b1, alpha, act, w2, b2)

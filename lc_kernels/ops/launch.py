@@ -23,7 +23,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import wrap_triton
 
 from .. import _config
-from . import dispatch
+from . import dispatch, tables
 from .validate import check_raw_input, rows
 
 try:  # present since torch 2.6; without it the backend body simply runs through wrap_triton
@@ -160,7 +160,14 @@ def recompute_linear(ctx: Any) -> tuple:
 
 def autotuned(module: Any, kernel: Any, qualname: str) -> Any:
     """``kernel`` autotuned over its module's ``CONFIGS`` (one small ``INTERPRETER_CONFIGS`` tile
-    under Triton's interpreter), pruned by the module's ``PRUNE`` where it has one."""
+    under Triton's interpreter), pruned by the module's ``PRUNE`` where it has one, and seeded
+    with the configs ``lc.warmup`` stored for this device (:func:`.tables.register_autotuner`), so
+    a warmed-up shape launches without benchmarking in a new process.
+
+    Triton's own ``autotune(cache_results=True)`` (Triton >= 3.4) also persists timings, but in
+    Triton's cache directory, keyed without the device's name, and is off under the interpreter;
+    the stored table lives in lc_kernels' cache directory beside the dispatcher's choices.
+    """
     import triton
 
     interpret = _config.triton_interpret()
@@ -171,7 +178,19 @@ def autotuned(module: Any, kernel: Any, qualname: str) -> Any:
     if _torch_triton_registry is not None:
         # What triton_op records at registration: AOTAutograd's cache keys include kernel source.
         _torch_triton_registry.triton_ops_to_kernels[qualname] = [kernel]
+    tables.register_autotuner(kernel.__name__, tuned)
     return tuned
+
+
+def autotune_key(key_names: list[str], named_args: dict[str, Any]) -> tuple:
+    """The key Triton's autotuner files a launch under (``Autotuner.run``, Triton 3.x): the
+    values of ``key_names`` among the launch's arguments, then the dtype of every tensor
+    argument in order. The kernels' ``AUTOTUNE_KEY`` lists name the constexpr flags too (``ACT``,
+    bias and alpha presence, ``INPUT_PRECISION``): each compiles to different code, so one
+    best config per shape would otherwise be shared by all of them."""
+    key = [named_args[k] for k in key_names if k in named_args]
+    key += [str(v.dtype) for v in named_args.values() if hasattr(v, "dtype")]
+    return tuple(key)
 
 
 @functools.cache
