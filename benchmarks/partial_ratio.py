@@ -1,20 +1,72 @@
 """PARTIAL (half the channels linear) against the dense nn.Sequential MLP, beside its FLOP ratio.
 
-``python benchmarks/partial_ratio.py`` (2 threads, fp32, interleaved rounds).
+Both PARTIAL forms are timed in the same interleaved rounds: the separate form (skip GEMM, fc1 GEMM
+with its activation, fc2 accumulated onto the skip's output: what an un-warmed model runs) and
+the shared-first-GEMM form (one GEMM over ``[W1; S]``: what ``lc.warmup`` switches to where it
+measures it faster); the last column says which one ``lc.warmup`` chose at that shape (its own
+short timing, in a private cache directory).
+
+    python benchmarks/partial_ratio.py [--threads 2] [--tokens 16 4096] [--rounds 15]
 """
-import torch, torch.nn as nn, lc_kernels as lc, sys
-from lc_kernels.timing import time_interleaved, Ratio
+import argparse
+import tempfile
+
+import torch
+import torch.nn as nn
+
+import lc_kernels as lc
 from lc_kernels.nn.mlp import LCFusedMLP
-torch.set_num_threads(2)
-torch.manual_seed(0)
-for d, h in ((192, 768), (384, 1536), (768, 3072), (1024, 4096)):
-    T = 4096 if d < 1024 else 2048
-    seq = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)).eval()
-    part = LCFusedMLP(d, h // 2, d, act="gelu").eval()
-    part.skip = nn.Linear(d, d, bias=False); part.form = "partial"
-    x = torch.randn(T, d)
-    flop_ratio = (2 * d * h) / (2 * d * (h // 2) + d * d)
-    with torch.inference_mode():
-        t = time_interleaved({"seq": lambda: seq(x), "partial": lambda: part(x)}, torch.device("cpu"), rounds=15, warmup=3, min_time=0.2)
-    r = Ratio.of(t["seq"], t["partial"])
-    print(f"{d}->{h}->{d} T={T}: FLOP ratio {flop_ratio:.2f}x, measured {r}, fraction {r.value / flop_ratio:.2f}", flush=True)
+from lc_kernels.ops.fused_linear_op import linear_act
+from lc_kernels.ops.partial import shared_mlp
+from lc_kernels.timing import Ratio, time_interleaved
+
+SHAPES = ((192, 768), (384, 1536), (768, 3072), (1024, 4096))
+
+
+def separate(x, part):
+    """The module's default PARTIAL form (``nn/mlp.py::_skip_plus``): the skip GEMM writes the
+    output with fc2's bias, fc2's GEMM accumulates into it."""
+    y = torch.nn.functional.linear(x, part.skip.weight, part.fc2.bias)
+    h = linear_act(x, part.fc1.weight, part.fc1.bias, part.act.alpha, "gelu")
+    return y.addmm_(h, part.fc2.weight.t())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="rows per call (default 4096; 2048 at d=1024)")
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print("| shape | tokens | FLOP ratio | separate form | fraction | shared first GEMM | fraction | lc.warmup chose |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d, h in SHAPES:
+        seq = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)).eval()
+        part = LCFusedMLP(d, h // 2, d, act="gelu").eval()
+        part.skip = nn.Linear(d, d, bias=False)
+        part.form = "partial"
+        flop_ratio = (4 * d * h) / (4 * d * (h // 2) + 2 * d * d)  # dense: two d x h GEMMs
+        for tokens in args.tokens or [4096 if d < 1024 else 2048]:
+            x = torch.randn(tokens, d)
+            ops = (part.fc1.weight, part.fc1.bias, part.act.alpha, "gelu", part.skip.weight, part.fc2.weight,
+                   part.fc2.bias)
+            with torch.inference_mode():
+                want = seq[2](seq[1](seq[0](x)))  # only shapes and finiteness matter here: different weights
+                a, b = separate(x, part), shared_mlp(x, *ops)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+                assert want.shape == a.shape
+                t = time_interleaved({"seq": lambda: seq(x), "separate": lambda: separate(x, part),
+                                      "shared": lambda: shared_mlp(x, *ops)}, torch.device("cpu"),
+                                     rounds=args.rounds, warmup=3, min_time=0.2)
+            with tempfile.TemporaryDirectory() as cache:
+                rep = lc.warmup(part, tokens=tokens, cache_dir=cache)
+            chosen = "; ".join(f"{c.choice} ({c.ratio})" if c.ratio else c.choice
+                               for s in rep.sites for c in s.choices) or "-"
+            r1, r2 = Ratio.of(t["seq"], t["separate"]), Ratio.of(t["seq"], t["shared"])
+            print(f"| {d}→{h}→{d} | {tokens} | {flop_ratio:.2f}× | {r1} | {r1.value / flop_ratio:.2f} | {r2} | "
+                  f"{r2.value / flop_ratio:.2f} | {chosen} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
