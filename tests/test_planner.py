@@ -439,6 +439,10 @@ def test_cli_plan_from_state_dict_and_directory(tmp_path, capsys):
     assert "max_error=0.05" in out and "on 40 calibration rows" in out
     saved = CollapsePlan.from_dict(json.loads((tmp_path / "plan.json").read_text())["plan"])
     assert saved.measured_error <= 0.05
+    assert "global target" in out  # the default fit
+    assert cli(str(tmp_path / "prepared.pt"), "--model", spec, "--calib", str(tmp_path / "calib.pt"),
+               "--target", "0.3", "--fit", "local", "--select", "sensitivity") == 0
+    assert "(local target)" in capsys.readouterr().out
 
     lc.collapse_(model, tol=0.05)
     lc.save_collapsed(model, tmp_path / "ckpt")

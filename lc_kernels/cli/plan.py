@@ -21,7 +21,8 @@ from torch import nn
 
 from ..planning import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
 from ..planning.inputs import calib_batches
-from ..planning.options import SEARCHES
+from ..planning.options import SEARCHES, SELECTS
+from ..planning.plan import FIT_TARGETS
 from ..transforms import load_collapsed, read_checkpoint, rebuild_
 from ._args import fraction, nonneg_float, positive_int
 
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--tokens", type=positive_int, metavar="N",
                       help="--objective latency: time every candidate form at N tokens per call")
     plan.add_argument("--force", action="store_true", help="collapse every joint whatever tol says")
+    plan.add_argument("--fit", choices=FIT_TARGETS, default=None,
+                      help="with --calib: fit each site to the dense stream after it (global, the default) or to "
+                           "its own function (local)")
+    plan.add_argument("--select", choices=SELECTS, default="activation",
+                      help="with --calib: how PARTIAL channels are ranked (default activation)")
     parser.add_argument("--json", metavar="PATH", help="also write the applied plans and the new plan as JSON")
 
 
@@ -106,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     calib = None if args.calib is None else load_calib(args.calib, model, key=args.calib_key, rows=args.calib_rows)
     plan = plan_collapse(model, tol=args.tol, calib=calib, max_error=args.max_error, target=args.target,
-                         force=args.force, objective=args.objective, search=args.search, tokens=args.tokens)
+                         force=args.force, objective=args.objective, search=args.search, tokens=args.tokens,
+                         fit=args.fit if calib is not None else None, select=args.select)
     print(plan)
     _write_json(args.json, applied, plan)
     return 0
