@@ -186,7 +186,7 @@ def compress(
     tokens: int | None = None,
     heal_loss=None,
     fit: str | None = None,
-    select: str = "activation",
+    select: str = "auto",
 ) -> CompressReport:
     """Compress ``model`` in place: the one call for a pretrained model.
 
