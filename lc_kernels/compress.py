@@ -186,7 +186,7 @@ def compress(
     tokens: int | None = None,
     heal_loss=None,
     fit: str | None = None,
-    select: str = "auto",
+    select: str = "activation",
 ) -> CompressReport:
     """Compress ``model`` in place: the one call for a pretrained model.
 

@@ -66,9 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--fit", choices=FIT_TARGETS, default=None,
                       help="with --calib: fit each site to the dense stream after it (global, the default) or to "
                            "its own function (local)")
-    plan.add_argument("--select", choices=SELECTS, default="auto",
-                      help="with --calib: how PARTIAL channels are ranked (default auto: sensitivity for "
-                           "Linear -> act -> Linear sites, activation for gated FFNs)")
+    plan.add_argument("--select", choices=SELECTS, default="activation",
+                      help="with --calib: how PARTIAL channels are ranked (default activation)")
     parser.add_argument("--json", metavar="PATH", help="also write the applied plans and the new plan as JSON")
 
 

@@ -29,8 +29,7 @@ def check_number(name: str, v: object, *, low: float | None = None, high: float 
 # linear map of the joint's input leaves unexplained of each channel, times its outgoing weight
 # norm) or "sensitivity" (that remainder weighted per token by the gradient of random projections
 # of the model output: how much the output moves; needs one backward pass per probe on a sample).
-# "auto": sensitivity for Linear -> act -> Linear sites, activation for gated FFN sites.
-SELECTS = ("auto", "activation", "sensitivity")
+SELECTS = ("activation", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class PlanOptions:
     forward_fn: object = None
     round_to: int = 8
     tokens: int | None = None  # objective="latency": rows each site sees per call
-    select: str = "auto"  # how PARTIAL channels are ranked: see SELECTS
+    select: str = "activation"  # how PARTIAL channels are ranked: see SELECTS
 
     @property
     def fitted(self) -> bool:
@@ -71,7 +70,7 @@ class PlanOptions:
            target: float | None = None, force: bool = False, objective: str = "flops",
            search: str = "auto", fit: bool | str | None = None, forward_fn: object = None,
            round_to: int = 8, example: object = None, tokens: int | None = None,
-           select: str = "auto") -> "PlanOptions":
+           select: str = "activation") -> "PlanOptions":
         """Check every option once; errors name the option, what arrived and what is expected."""
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0 (max |1 - alpha| to collapse), got {tol!r}")
