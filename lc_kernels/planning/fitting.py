@@ -113,7 +113,11 @@ class SiteStats:
         n = len(vals) - 1  # Linears
         hs = [vals[0]] + [apply_act(vals[k + 1], acts[k]) for k in range(n - 1)]  # inputs of each Linear
         sigmas = hs[1:]  # sigma_i(z_i) = input of Linear i + 1
-        for p in range(n):
+        # A block starting at Linear p > 0 is fitted independently only inside a chain (a merge after a
+        # joint that stays nonlinear); in a one-joint site the Linear after the joint starts a block
+        # only after FACTOR, which is fitted in sequence. Its hidden-width Gram matrix (the
+        # largest statistic) is skipped there.
+        for p in range(n if n > 2 else 1):
             a = with_ones(hs[p])
             _acc(self.ata, p, a.T @ a)
             for q in range(p, n):

@@ -325,18 +325,26 @@ class SiteStream:
                     x_d = stream.run(j, x_d)
                 continue
             seen: list[tuple[torch.Tensor, torch.Tensor, Batch]] = []
-            with site_hooks(self.modules, stream.batch, observe={i: lambda x, y, b: seen.append((x, y, b))}):
+            norms = self._norms(i, j) if x_d is not None else []
+            cap_c = {id(m): [] for m in norms}  # a post-norm block's stream point is a norm's input:
+            cap_d = {id(m): [] for m in norms}  # kept from the runs themselves, no extra block run
+            with site_hooks(self.modules, stream.batch, observe={i: lambda x, y, b: seen.append((x, y, b))}), \
+                    _capture_inputs(norms, cap_c):
                 out_c = stream.run(j, x_c)
             point = self._stream_point(stream, i, j, x_c[0], seen[0], out_c[0])
             self.points[i] = "block output" if point == "output" else (
                 f"input of {type(point).__name__}" if point is not None else "")
             rows = []
             if x_d is not None:
-                out_d = stream.run(j, x_d)
+                with _capture_inputs(norms, cap_d):
+                    out_d = stream.run(j, x_d)
                 if point is None or point == "output":
                     at_c, at_d = out_c, out_d
                 else:  # a post-norm block: the stream is the norm's input, on both streams
-                    at_c, at_d = _inputs_of(point, stream, j, x_c), _inputs_of(point, stream, j, x_d)
+                    at_c, at_d = cap_c[id(point)], cap_d[id(point)]
+                    if len(at_c) != len(seen) or len(at_d) != len(seen):  # called more than once per batch
+                        at_c, at_d = _inputs_of(point, stream, j, x_c), _inputs_of(point, stream, j, x_d)
+                del cap_c, cap_d
                 for (x, y, b), vc, vd, od in zip(seen, at_c, at_d, out_d):
                     # stream = rest + site output: the site output that gives the dense stream is y + (dense - current)
                     t = None if point is None else y + (vd - vc)
@@ -365,9 +373,7 @@ class SiteStream:
         # as large as the stream itself, so float rounding of the sum stays far below the change
         delta = (torch.randn(y.shape, generator=g, dtype=torch.float32) * float(out.detach().float().std() + 1e-3)).to(y)
         tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(y.dtype, 3e-2)
-        inside = set(map(id, self.modules[i].modules()))
-        norms = [m for m in self.blocks[j].modules() if id(m) not in inside
-                 and any(k in type(m).__name__.lower() for k in NORM_NAMES)]
+        norms = self._norms(i, j)
         batches = stream.batches
         stream.batches = batches[:1]
         try:
@@ -389,6 +395,12 @@ class SiteStream:
                     ((b[0] - a[0]) - delta).norm() <= tol * delta.norm():
                 return m
         return None
+
+    def _norms(self, i: int, j: int) -> list[nn.Module]:
+        """Normalisation modules of block ``j`` outside site ``i``: candidate stream points."""
+        inside = set(map(id, self.modules[i].modules()))
+        return [m for m in self.blocks[j].modules() if id(m) not in inside
+                and any(k in type(m).__name__.lower() for k in NORM_NAMES)]
 
     def _sweep_model(self, visit, global_target: bool, only: set[int] | None):
         replace: dict[int, nn.Module] = {}
