@@ -42,8 +42,8 @@ class SiteStep:
     flops_before: int
     flops_after: int
     planned_error: float | None  # the site's output error in the fitted plan
-    model_error: float | None  # measured model-output error once this site (and those before it) collapsed
-    # (gated sites are fitted and installed together: only the last step carries the model error)
+    model_error: float | None  # measured model-output error with the plan installed: the sites are fitted
+    # once and installed together, so only the last step carries it
     healed_error: float | None = None  # the same after healing, when healing ran
 
 
