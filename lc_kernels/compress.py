@@ -11,7 +11,6 @@ collapsible slopes frozen. A healing run that makes what it optimises worse is u
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch

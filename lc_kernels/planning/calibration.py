@@ -25,7 +25,8 @@ from torch import nn
 
 from ..algebra import Affine, canonical_affines
 from ..ops.reference import base_activation, collapsible_activation
-from .inputs import Batch, ForwardFn, flat_output, output_norm, run_model
+from .inputs import Batch, ForwardFn, output_norm
+from .layerwise import Passes
 from .plan import KEEP, PARTIAL, SitePlan
 from .sites import Site, joint_width
 
@@ -96,27 +97,23 @@ class Calibration:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in sites]
         self._y2 = [0.0] * len(sites)
         self._cache: dict[tuple, float] = {}
-        self.passes = 0
+        self.runner = Passes(model, sites, batches, forward_fn)
 
         def capture(i: int):
-            def hook(mod, args, kwargs, out):
+            def observe(x, out, batch):
                 # A copy: a later in-place op on the activations must not change what was recorded.
-                self.inputs[i].append(self._batch.rows((args[0] if args else kwargs["x"]).detach()).clone())
-                self._y2[i] += float(self._batch.rows(out.detach()).to(torch.float64).pow(2).sum())
-            return hook
+                self.inputs[i].append(batch.rows(x.detach()).clone())
+                self._y2[i] += float(batch.rows(out.detach()).to(torch.float64).pow(2).sum())
+            return observe
 
-        handles = [s.module.register_forward_hook(capture(i), with_kwargs=True) for i, s in enumerate(sites)]
-        try:
-            self.reference = [flat_output(self._forward(b, i), b) for i, b in enumerate(batches)]
-        finally:
-            for h in handles:
-                h.remove()
+        self.reference = self.runner.run(observe={i: capture(i) for i in range(len(sites))}, outputs=True)
         self.y_norm = output_norm(self.reference)
         self.rows = sum(b.n_rows for b in batches)
 
-    def _forward(self, batch: Batch, i: int) -> object:
-        self._batch = batch
-        return run_model(self.model, batch, i, self.forward_fn)
+    @property
+    def passes(self) -> int:
+        """Forward passes the budget search made (the capture pass not counted)."""
+        return self.runner.count - 1
 
     def site_error(self, i: int, chosen: Chosen) -> float | None:
         """``||delta|| / ||y_site||`` at site ``i``'s output; None when calib never reaches the site."""
@@ -144,19 +141,10 @@ class Calibration:
             return self._cache[key]
 
         def shift(i: int):
-            def hook(mod, args, kwargs, out):
-                x = args[0] if args else kwargs["x"]
-                return out + self.sites[i].residual(x, config[i]).to(out.dtype)
-            return hook
+            return lambda x, out: out + self.sites[i].residual(x, config[i]).to(out.dtype)
 
-        handles = [self.sites[i].site.module.register_forward_hook(shift(i), with_kwargs=True) for i in config]
-        try:
-            d2 = sum(float((flat_output(self._forward(b, k), b) - ref).pow(2).sum())
-                     for k, (b, ref) in enumerate(zip(self.batches, self.reference)))
-        finally:
-            for h in handles:
-                h.remove()
-        self.passes += 1
+        outs = self.runner.run(shift={i: shift(i) for i in config}, outputs=True)
+        d2 = sum(float((o - ref).pow(2).sum()) for o, ref in zip(outs, self.reference))
         self._cache[key] = math.sqrt(d2) / self.y_norm
         return self._cache[key]
 

@@ -36,61 +36,9 @@ from ..algebra import (
 )
 from .calibration import Chosen
 from .cost import decisions_for, partial_conflict
-from .inputs import Batch, ForwardFn, flat_output, flat_output_grad, output_norm, run_model
+from .inputs import Batch, ForwardFn, flat_output_grad, output_norm, run_model
+from .layerwise import Passes
 from .sites import Site, joint_width
-
-
-class _Stop(Exception):
-    """Raised by a hook once the site a pass is for has been seen: nothing downstream is needed."""
-
-
-class Passes:
-    """Forward passes of the model over the calibration batches, with hooks on the sites."""
-
-    def __init__(self, model: nn.Module, sites: list[Site], batches: list[Batch], forward_fn: ForwardFn | None):
-        self.model, self.sites, self.batches, self.forward_fn = model, sites, batches, forward_fn
-        self.count = 0
-        self.batch: Batch | None = None
-
-    def run(self, *, observe: dict[int, object] | None = None, replace: dict[int, nn.Module | object] | None = None,
-            stop_after: int | None = None, outputs: bool = False) -> list[torch.Tensor]:
-        """One pass. ``observe[i](x, y, batch)`` sees site i's input and output; ``replace[i]``
-        (a module or ``f(x) -> y``) computes site i's output instead; with ``stop_after`` the
-        pass ends after that site. Returns the flattened model outputs when ``outputs``."""
-        observe, replace = observe or {}, replace or {}
-        handles = []
-        for i in set(observe) | set(replace) | ({stop_after} - {None}):
-            handles.append(self.sites[i].module.register_forward_hook(self._hook(i, observe.get(i), replace.get(i),
-                                                                                 i == stop_after), with_kwargs=True))
-        out = []
-        try:
-            for k, b in enumerate(self.batches):
-                self.batch = b
-                try:
-                    y = run_model(self.model, b, k, self.forward_fn)
-                except _Stop:
-                    continue
-                if outputs:
-                    out.append(flat_output(y, b))
-        finally:
-            for h in handles:
-                h.remove()
-            self.batch = None
-        self.count += 1
-        return out
-
-    def _hook(self, i: int, observe, replace, stop: bool):
-        def hook(mod, args, kwargs, out):
-            x = args[0] if args else kwargs["x"]
-            if replace is not None:
-                out = replace(x).to(out.dtype)
-            if observe is not None:
-                observe(x, out, self.batch)
-            if stop:
-                raise _Stop
-            return out
-
-        return hook
 
 
 @dataclass

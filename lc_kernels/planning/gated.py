@@ -41,7 +41,6 @@ from ..ops.reference import collapsible_activation
 from .inputs import Batch, ForwardFn
 from .layerwise import SiteStream, _Measure, materialized, relative_error, site_hooks
 from .plan import KEEP, LINEAR, PARTIAL, CollapsePlan, JointPlan, SitePlan
-from .inputs import run_model
 
 FITS = ("local", "global")
 # Rows of each site's dense inputs the estimate pass uses (the fit pass uses every row): the

@@ -14,6 +14,12 @@ output for blocks that add the FFN last, the input of the norm after it for post
 Models without such a stack get one whole-model pass per site that stops right after it (global
 target: the site's dense output). Both give the same fits (tests check ``<= 1e-6`` in float64).
 Gated and Linear -> act -> Linear sites are fitted through it alike.
+
+:class:`Passes` is the engine's whole-model pass (hooks that observe, replace or shift site
+outputs, optionally stopping after a site): the planner's statistics and gains
+(``FittedCalibration``), the exact residuals of ``fit=False`` plans (``Calibration``), the
+measured error of a fitted plan, and the engine's fallback for models without a block stack all
+run through it.
 """
 from __future__ import annotations
 
@@ -37,10 +43,12 @@ Replace = Callable[[torch.Tensor], torch.Tensor]
 
 @contextmanager
 def site_hooks(sites: dict[int, nn.Module], batch_of: Callable[[], Batch], observe: dict[int, Observe] | None = None,
-               replace: dict[int, Replace | nn.Module] | None = None) -> Iterator[None]:
-    """Forward hooks on site modules: ``replace[i](x)`` computes site i's output instead, then
-    ``observe[i](x, y, batch)`` sees its input and (possibly replaced) output."""
-    observe, replace = observe or {}, replace or {}
+               replace: dict[int, Replace | nn.Module] | None = None,
+               shift: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None) -> Iterator[None]:
+    """Forward hooks on site modules: ``replace[i](x)`` computes site i's output instead (or
+    ``shift[i](x, y)`` changes it), then ``observe[i](x, y, batch)`` sees its input and (possibly
+    changed) output."""
+    observe, replace, shift = observe or {}, replace or {}, shift or {}
     handles = []
 
     def hook_for(i: int):
@@ -48,18 +56,66 @@ def site_hooks(sites: dict[int, nn.Module], batch_of: Callable[[], Batch], obser
             x = args[0] if args else next(iter(kwargs.values()))
             if i in replace:
                 out = replace[i](x).to(out.dtype)
+            if i in shift:
+                out = shift[i](x, out).to(out.dtype)
             if i in observe:
                 observe[i](x, out, batch_of())
             return out
         return hook
 
-    for i in set(observe) | set(replace):
+    for i in set(observe) | set(replace) | set(shift):
         handles.append(sites[i].register_forward_hook(hook_for(i), with_kwargs=True))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+class Passes:
+    """Whole-model passes over the calibration batches with hooks on the sites: every pass of the
+    planner that runs the entire model (statistics, gains, measured errors, exact residuals, and
+    the engine's fallback for models without a block stack) goes through here."""
+
+    def __init__(self, model: nn.Module, sites: list, batches: list[Batch], forward_fn: ForwardFn | None):
+        self.model, self.sites, self.batches, self.forward_fn = model, sites, batches, forward_fn
+        self.count = 0
+        self.batch: Batch | None = None
+
+    def run(self, *, observe: dict[int, Observe] | None = None, replace: dict[int, nn.Module | Replace] | None = None,
+            shift: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+            stop_after: int | None = None, outputs: bool = False, batches: list[Batch] | None = None
+            ) -> list[torch.Tensor]:
+        """One pass. ``observe[i](x, y, batch)`` sees site i's input and output; ``replace[i]`` (a
+        module or ``f(x) -> y``) computes site i's output instead; ``shift[i](x, y) -> y'`` changes
+        it; with ``stop_after`` the pass ends after that site. Returns the flattened model outputs
+        when ``outputs``. ``batches`` (default: all) limits the pass."""
+        observe, replace, shift = observe or {}, replace or {}, shift or {}
+        if stop_after is not None:
+            seen = observe.get(stop_after)
+
+            def stop(x, y, b, seen=seen):
+                if seen is not None:
+                    seen(x, y, b)
+                raise _Stop
+
+            observe = {**observe, stop_after: stop}
+        mods = {i: s.module for i, s in enumerate(self.sites)}
+        out = []
+        with site_hooks(mods, lambda: self.batch, observe=observe, replace=replace, shift=shift):
+            try:
+                for k, b in enumerate(self.batches if batches is None else batches):
+                    self.batch = b
+                    try:
+                        y = run_model(self.model, b, k, self.forward_fn)
+                    except _Stop:
+                        continue
+                    if outputs:
+                        out.append(flat_output(y, b))
+            finally:
+                self.batch = None
+        self.count += 1
+        return out
 
 
 def is_offloaded(model: nn.Module) -> bool:
@@ -422,24 +478,12 @@ class SiteStream:
 
     def _pass(self, i: int, observe: Observe, replace: dict) -> None:
         """One pass over the batches that stops right after site ``i`` (``observe`` sees it)."""
-        current: list[Batch] = []
-
-        def stop(x, y, b):
-            observe(x, y, b)
-            raise _Stop
-
-        with site_hooks(self.modules, lambda: current[0], observe={i: stop}, replace=dict(replace)):
-            for k, b in enumerate(self.batches):
-                current[:] = [b]
-                try:
-                    run_model(self.model, b, k, self.forward_fn)
-                except _Stop:
-                    pass
+        Passes(self.model, self.sites, self.batches, self.forward_fn).run(observe={i: observe}, replace=replace,
+                                                                          stop_after=i)
         self.passes += 1
 
     def _forward_order(self) -> list[int]:
         order: list[int] = []
-        current: list[Batch] = []
 
         def seen(i):
             def f(x, y, b):
@@ -447,11 +491,8 @@ class SiteStream:
                     order.append(i)
             return f
 
-        with site_hooks(self.modules, lambda: current[0] if current else None,
-                        observe={i: seen(i) for i in range(len(self.sites))}):
-            b = self.batches[0]
-            current[:] = [b]
-            run_model(self.model, b, 0, self.forward_fn)
+        Passes(self.model, self.sites, self.batches, self.forward_fn).run(
+            observe={i: seen(i) for i in range(len(self.sites))}, batches=self.batches[:1])
         self.passes += 1
         return order + [i for i in range(len(self.sites)) if i not in order]
 
@@ -474,5 +515,5 @@ def _inputs_of(module: nn.Module, stream: BlockStream, j: int, inputs: list[torc
     return got[id(module)]
 
 
-__all__ = ["SiteStream", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
+__all__ = ["SiteStream", "Passes", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
            "execution_device", "materialized"]
