@@ -259,9 +259,10 @@ def _compress_fitted(model: nn.Module, calib: object, *, target, max_error, heal
     gated = bool(gated_sites(model))
     head = output_point(model) if forward_fn is None else None
     with eval_no_grad(model):
-        teacher = _hidden_states(model, heal, forward_fn) if heal_steps and heal_loss is None else []
         # the dense model's outputs on calib: the reference every error after this is measured against
         reference = _hidden_states(model, batches, forward_fn, float64=True)
+        teacher = [] if not heal_steps or heal_loss is not None else (
+            [r.float() for r in reference] if heal is batches else _hidden_states(model, heal, forward_fn))
     plan = plan_collapse(model, calib=calib, target=target, max_error=max_error, forward_fn=forward_fn,
                          objective=objective, fit=fit, example=example, tokens=tokens, select=select)
     changing = [sp for sp in plan.sites if sp.changes]

@@ -43,6 +43,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def strip_and_compare(model, x) -> torch.Tensor:
+    """``lc.strip_`` ``model``; asserts no lc_kernels module is left and its output on ``x`` is
+    unchanged (<= 1e-6 relative). Returns the output before stripping."""
+    import lc_kernels as lc
+    from lc_kernels.testing import rel_err
+
+    with torch.no_grad():
+        before = model(x)
+    lc.strip_(model)
+    assert not any(type(m).__module__.startswith("lc_kernels") for m in model.modules())
+    with torch.no_grad():
+        assert rel_err(model(x), before) <= 1e-6
+    return before
+
+
 def error_without_lc_kernels(model, x, y, tmp_path) -> float:
     """Pickle ``model`` (stripped), load it in a fresh interpreter where ``import lc_kernels`` fails,
     run it on ``x`` and return its relative error to ``y``: a stripped model needs torch alone."""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lc_kernels as lc
-from conftest import error_without_lc_kernels
+from conftest import error_without_lc_kernels, strip_and_compare
 from lc_kernels.testing import rel_err
 
 from test_fitted import bert_calib, tiny_bert
@@ -93,12 +93,7 @@ def test_tiny_bert_compressed_exports_to_onnxruntime():
 @pytest.mark.parametrize("form", FORMS)
 def test_strip_keeps_outputs_and_needs_no_lc_kernels(form, tmp_path):
     model, x = build(form)
-    with torch.no_grad():
-        before = model(x)
-    lc.strip_(model)
-    assert not any(type(m).__module__.startswith("lc_kernels") for m in model.modules())
-    with torch.no_grad():
-        assert rel_err(model(x), before) <= 1e-6
+    before = strip_and_compare(model, x)
     assert error_without_lc_kernels(model, x, before, tmp_path) <= 1e-6
 
 

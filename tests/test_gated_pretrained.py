@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lc_kernels as lc
-from conftest import error_without_lc_kernels
+from conftest import error_without_lc_kernels, strip_and_compare
 from lc_kernels.testing import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -378,13 +378,7 @@ def gated_stack() -> nn.Sequential:
 @pytest.mark.parametrize("name", list(GATED_FORMS))
 def test_strip_gated_keeps_outputs(name):
     model = nn.Sequential(nn.Linear(12, 24), gated_module(name), nn.Linear(24, 8)).eval()
-    x = torch.randn(5, 7, 12)
-    with torch.no_grad():
-        before = model(x)
-    lc.strip_(model)
-    assert not any(type(m).__module__.startswith("lc_kernels") for m in model.modules())
-    with torch.no_grad():
-        assert rel_err(model(x), before) <= 1e-6
+    strip_and_compare(model, torch.randn(5, 7, 12))
 
 
 def test_stripped_gated_model_loads_without_lc_kernels(tmp_path):

@@ -415,9 +415,6 @@ class _BlockEquations:
     def rows(self) -> int:
         return 0 if self.neq is None else self.neq.rows
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> None:
-        self.add(batch.rows(x.detach()))
-
     def add(self, rows: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """Rows of the site's input; ``target`` the block's target there (default: the original
         site's value at the block's end)."""

@@ -244,7 +244,6 @@ class BlockStream:
         self.model, self.blocks, self.batches = model, blocks, batches
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]  # per block, per batch: (args, kwargs)
         self._batch: Batch | None = None
-        self.block_runs = 0
         hooks = []
         first: list[torch.Tensor] = []
         for j, blk in enumerate(blocks):
@@ -277,7 +276,6 @@ class BlockStream:
             y = self.blocks[j](x, *args, **kwargs)
             out.append(y[0] if isinstance(y, (tuple, list)) else y)
         self._batch = None
-        self.block_runs += 1
         return out
 
 
@@ -381,26 +379,27 @@ class SiteStream:
                     x_d = stream.run(j, x_d)
                 continue
             seen: list[tuple[torch.Tensor, torch.Tensor, Batch]] = []
-            norms = self._norms(i, j) if x_d is not None else []
-            cap_c = {id(m): [] for m in norms}  # a post-norm block's stream point is a norm's input:
-            cap_d = {id(m): [] for m in norms}  # kept from the runs themselves, no extra block run
+            # A post-norm block's stream point is a norm's input: kept from the block runs themselves
+            # (the point test compares batch 0's with a changed site output; no extra block run).
+            norms = self._norms(i, j)
+            cap_c: dict[int, list] = {id(m): [] for m in norms}
             with site_hooks(self.modules, stream.batch, observe={i: lambda x, y, b: seen.append((x, y, b))}), \
                     _capture_inputs(norms, cap_c):
                 out_c = stream.run(j, x_c)
-            point = self._stream_point(stream, i, j, x_c[0], seen[0], out_c[0])
+            once = [m for m in norms if len(cap_c[id(m)]) == len(seen)]  # called once per batch
+            point = self._stream_point(stream, i, j, x_c[0], seen[0], out_c[0], once, cap_c)
             self.points[i] = "block output" if point == "output" else (
                 f"input of {type(point).__name__}" if point is not None else "")
             rows = []
             if x_d is not None:
-                with _capture_inputs(norms, cap_d):
+                cap_d: dict[int, list] = {id(m): [] for m in once}
+                with _capture_inputs(once, cap_d):
                     out_d = stream.run(j, x_d)
                 if point is None or point == "output":
                     at_c, at_d = out_c, out_d
                 else:  # a post-norm block: the stream is the norm's input, on both streams
                     at_c, at_d = cap_c[id(point)], cap_d[id(point)]
-                    if len(at_c) != len(seen) or len(at_d) != len(seen):  # called more than once per batch
-                        at_c, at_d = _inputs_of(point, stream, j, x_c), _inputs_of(point, stream, j, x_d)
-                del cap_c, cap_d
+                del cap_d
                 for (x, y, b), vc, vd, od in zip(seen, at_c, at_d, out_d):
                     # stream = rest + site output: the site output that gives the dense stream is y + (dense - current)
                     t = None if point is None else y + (vd - vc)
@@ -418,36 +417,33 @@ class SiteStream:
                     x_c = stream.run(j, x_c)
         return stream
 
-    def _stream_point(self, stream: BlockStream, i: int, j: int, x: torch.Tensor, seen: tuple, out: torch.Tensor):
+    def _stream_point(self, stream: BlockStream, i: int, j: int, x: torch.Tensor, seen: tuple, out: torch.Tensor,
+                      norms: list[nn.Module], base: dict[int, list]):
         """Where block ``j``'s stream holds site ``i``'s output added to the rest: ``"output"`` when
         the block returns ``stream + FFN(...)`` with nothing after the FFN (Llama, Qwen2, Phi-3, GPT-2),
         else the normalisation module after the site whose input is such a sum (post-norm blocks:
         BERT), else None (Gemma 2/3 normalise the FFN's output first). A random change of the site's
-        output on the first batch must show unchanged there."""
+        output on the first batch must show unchanged there (``base``: each of ``norms``' inputs on the
+        unchanged run, first batch first)."""
         y = seen[1]
         g = torch.Generator(device="cpu").manual_seed(j)
         # as large as the stream itself, so float rounding of the sum stays far below the change
         delta = (torch.randn(y.shape, generator=g, dtype=torch.float32) * float(out.detach().float().std() + 1e-3)).to(y)
         tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(y.dtype, 3e-2)
-        norms = self._norms(i, j)
         batches = stream.batches
         stream.batches = batches[:1]
         try:
-            base = {id(m): [] for m in norms}
-            with _capture_inputs(norms, base):
-                stream.run(j, [x])
             moved = {id(m): [] for m in norms}
             with _capture_inputs(norms, moved), site_hooks(self.modules, stream.batch,
                                                           replace={i: lambda v: y + delta}):
                 got = stream.run(j, [x])[0]
         finally:
             stream.batches = batches
-            stream.block_runs -= 2
         if ((got - out) - delta).norm() <= tol * delta.norm():
             return "output"
         for m in norms:
-            a, b = base[id(m)], moved[id(m)]
-            if len(a) == 1 and len(b) == 1 and a[0].shape == delta.shape and \
+            a, b = base[id(m)][:1], moved[id(m)]
+            if len(b) == 1 and a[0].shape == delta.shape and \
                     ((b[0] - a[0]) - delta).norm() <= tol * delta.norm():
                 return m
         return None
@@ -504,15 +500,6 @@ def _capture_inputs(modules: list[nn.Module], into: dict[int, list]) -> Iterator
             h = m.register_forward_pre_hook(lambda mod, args, _l=into[id(m)]: _l.append(args[0]))
             stack.callback(h.remove)
         yield
-
-
-def _inputs_of(module: nn.Module, stream: BlockStream, j: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Block ``j`` run on ``inputs``; per batch, what ``module`` received inside it."""
-    got = {id(module): []}
-    with _capture_inputs([module], got):
-        stream.run(j, inputs)
-    stream.block_runs -= 1
-    return got[id(module)]
 
 
 __all__ = ["SiteStream", "Passes", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
