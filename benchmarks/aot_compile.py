@@ -581,7 +581,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(summary)
     if args.json:
         with open(args.json, "w") as f:
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+            from _report import provenance  # commit, CPU model, versions, command: as every results file
+
             json.dump({"triton": triton.__version__, "full": args.full, "spec": args.spec, "wall_seconds": wall,
+                       "environment": provenance("cpu (ahead-of-time compile, no GPU used)"),
                        "results": results}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:

@@ -29,7 +29,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import torch
@@ -129,6 +128,10 @@ class Env:
     load_avg_start: list[float] | None
     load_avg_end: list[float] | None = None
     command: str = ""
+    commit: str | None = None  # short hash of HEAD; None where git could not say
+    dirty: bool | None = None  # tracked files differed from that commit
+    cpu: str | None = None  # CPU model (/proc/cpuinfo), also on a GPU machine
+    transformers: str | None = None
 
 
 
@@ -219,6 +222,7 @@ class Report:
         return "\n".join([
             f"# lc-kernels bench: {e.device_name} ({e.device})", "",
             f"Command: `{e.command}`", "",
+            f"Commit {e.commit or 'not recorded'}{' (tree dirty)' if e.dirty else ''} · CPU {e.cpu or e.device_name} · "
             f"Date {e.date} · torch {e.torch} · triton {e.triton} · lc_kernels {e.lc_kernels} · "
             f"Python {e.python} · {e.threads} threads of {e.cpu_count} CPUs · load average (1/5/15 min) {load}", "",
             f"Matmul peak measured in this run: {peaks}.", "",
@@ -298,19 +302,30 @@ def _f(v: float | None, spec: str, suffix: str = "") -> str:
 # environment and timing
 
 
-def collect_env(device: torch.device) -> Env:
-    """Device, versions, date and thread count, as recorded with every result."""
-    try:
-        import triton
+def _provenance() -> dict:
+    """``benchmarks/experiments/_report.py``'s provenance (commit, CPU model, versions): one writer of
+    that record for every results file. Loaded by path: this module is itself loaded by path."""
+    import importlib.util
+    from pathlib import Path
 
-        triton_version: str | None = triton.__version__
-    except ImportError:
-        triton_version = None
+    path = Path(__file__).resolve().parent / "experiments" / "_report.py"
+    mod = sys.modules.get("lc_kernels_bench_report")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("lc_kernels_bench_report", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod.provenance()
+
+
+def collect_env(device: torch.device) -> Env:
+    """Device, versions, date, commit, CPU model and thread count, as recorded with every result."""
+    p = _provenance()
     return Env(
-        device=str(device), device_name=device_name(device), torch=torch.__version__, triton=triton_version,
-        lc_kernels=__version__, python=platform.python_version(),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), threads=torch.get_num_threads(),
-        cpu_count=os.cpu_count(), load_avg_start=_load_avg(),
+        device=str(device), device_name=device_name(device), torch=torch.__version__, triton=p["triton"],
+        lc_kernels=__version__, python=platform.python_version(), date=p["date"], threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(), load_avg_start=_load_avg(), commit=p["commit"], dirty=p["dirty"], cpu=p["cpu"],
+        transformers=p["transformers"],
     )
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,6 +43,9 @@ from lc_kernels.timing import Ratio, rotating, time_interleaved  # noqa: E402
 TOKENS = (1, 4, 16, 64, 256, 4096)
 WIDTHS = (192, 384, 768)
 CPU = torch.device("cpu")
+MLP_COLUMNS = ["shape", "tokens", "seq µs", "LC µs", "ratio (inference_mode)", "seq µs (grad on)", "LC µs (grad on)",
+               "ratio (grad on)", "load"]
+OP_COLUMNS = ["provider", "µs", "IQR %", "factor vs F.linear + F.gelu"]
 
 
 def _inputs(shape: tuple[int, ...], n: int = 4) -> list[torch.Tensor]:
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--markdown", type=Path, default=None, help="write the report here as well")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the rows and the environment (commit, CPU, versions, command) as JSON")
     args = p.parse_args(argv)
     rounds = args.rounds or (7 if args.quick else 15)
     torch.set_num_threads(args.threads)
@@ -136,16 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         "µs per call (median over rounds); ratio = nn.Sequential / LCFusedMLP, ≥ 1.00× means no slower, "
         "with its spread (q1/q3 to q3/q1). `inference_mode` is how a model is served; `grad on` is "
         "eval mode with parameters requiring grad (the autograd path).",
-        harness.markdown_table(["shape", "tokens", "seq µs", "LC µs", "ratio (inference_mode)",
-                                "seq µs (grad on)", "LC µs (grad on)", "ratio (grad on)", "load"], mlp),
+        harness.markdown_table(MLP_COLUMNS, mlp),
         "## One op call, M = 1, d = 384, α = 0.3 (inference_mode)\n\n"
         "factor = time / time(F.linear + F.gelu), with its spread; the issue asks ≤ 1.3× for the op.",
-        harness.markdown_table(["provider", "µs", "IQR %", "factor vs F.linear + F.gelu"], op),
+        harness.markdown_table(OP_COLUMNS, op),
     ]) + "\n"
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "env": asdict(env), "rounds": rounds,
+            "rows": [dict(zip(MLP_COLUMNS, r)) for r in mlp], "op_rows": [dict(zip(OP_COLUMNS, r)) for r in op],
+        }, indent=1))
     return 0
 
 

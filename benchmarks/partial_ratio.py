@@ -6,10 +6,15 @@ the shared-first-GEMM form (one GEMM over ``[W1; S]``: what ``lc.warmup`` switch
 measures it faster); the last column says which one ``lc.warmup`` chose at that shape (its own
 short timing, in a private cache directory).
 
-    python benchmarks/partial_ratio.py [--threads 2] [--tokens 16 4096] [--rounds 15]
+    python benchmarks/partial_ratio.py [--threads 2] [--tokens 16 4096] [--rounds 15] [--json PATH]
 """
 import argparse
+import json
+import shlex
+import sys
 import tempfile
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -19,6 +24,9 @@ from lc_kernels.nn.mlp import LCFusedMLP
 from lc_kernels.ops.fused_linear_op import linear_act
 from lc_kernels.ops.partial import shared_mlp
 from lc_kernels.timing import Ratio, time_interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 SHAPES = ((192, 768), (384, 1536), (768, 3072), (1024, 4096))
 
@@ -36,9 +44,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="rows per call (default 4096; 2048 at d=1024)")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the rows and the environment (commit, CPU, versions, command) as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    env = harness.collect_env(torch.device("cpu"))
+    env.command = shlex.join(["python", "benchmarks/partial_ratio.py", *sys.argv[1:]])
+    rows = []
     print("| shape | tokens | FLOP ratio | separate form | fraction | shared first GEMM | fraction | lc.warmup chose |")
     print("|---|---|---|---|---|---|---|---|")
     for d, h in SHAPES:
@@ -63,6 +76,13 @@ def main() -> None:
             r1, r2 = Ratio.of(t["seq"], t["separate"]), Ratio.of(t["seq"], t["shared"])
             print(f"| {d}→{h}→{d} | {tokens} | {flop_ratio:.2f}× | {r1} | {r1.value / flop_ratio:.2f} | {r2} | "
                   f"{r2.value / flop_ratio:.2f} | {chosen} |", flush=True)
+            rows.append({"shape": f"{d}→{h}→{d}", "tokens": tokens, "flop_ratio": flop_ratio,
+                         "separate": r1.value, "separate_low": r1.low, "separate_high": r1.high,
+                         "shared": r2.value, "shared_low": r2.low, "shared_high": r2.high, "warmup_chose": chosen})
+    if args.json:
+        env.load_avg_end = harness._load_avg()
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"env": asdict(env), "rounds": args.rounds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,14 @@ from torch import nn
 MODES = ("cold", "warmup", "warmup-again", "cached")
 
 
+def _provenance(device: str) -> dict:
+    """Commit, CPU model, versions and command, as every results file records them."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+    from _report import provenance
+
+    return provenance(device)
+
+
 def build(d: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """KEEP, PARTIAL and MERGE LCFusedMLP blocks and a packed gated block, as a collapsed model holds."""
     import lc_kernels as lc
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "dtype": str(dtype).removeprefix("torch."), "d": d, "tokens": tokens,
         "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "rows": rows,
+        "rows": rows, "environment": _provenance(str(device)),
     }
     lines = [f"# lc.warmup and first-call latency: {result['device']}, {result['dtype']}, d={d}, "
              f"{tokens} tokens, torch {result['torch']}, {result['date']}", "",

