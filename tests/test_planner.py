@@ -464,3 +464,36 @@ def test_cli_errors(tmp_path, capsys):
     assert "no collapsible slopes" in capsys.readouterr().err
     assert cli(str(tmp_path / "sd.pt"), "--calib", "x.pt") == 2
     assert "--calib, --max-error and --target run the model" in capsys.readouterr().err
+
+
+def test_cli_plan_reads_a_save_pretrained_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert len(lc.prepare_(model)) == 2
+    lc.save_pretrained(model, tmp_path / "llama")
+
+    assert cli(str(tmp_path / "llama"), "--json", str(tmp_path / "plan.json")) == 0
+    out = capsys.readouterr().out
+    assert "save_pretrained directory, 2 sites (2 LCGatedMLP gated)" in out
+    assert "model.layers.1.mlp: LCGatedMLP gated" in out and "lc.plan_collapse(lc.load_pretrained(path)" in out
+    assert json.loads((tmp_path / "plan.json").read_text()) == {"applied": [], "plan": None}
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4,
+                                                                n_positions=64)).eval()
+    assert len(lc.prepare_(gpt2)) == 2
+    lc.save_pretrained(gpt2, tmp_path / "gpt2")
+    assert cli(str(tmp_path / "gpt2")) == 0  # rebuilt from config.json alone, its sites planned
+    out = capsys.readouterr().out
+    assert "2 sites (2 LCFusedMLP mlp)" in out and "KEEP" in out
+
+    assert cli(str(tmp_path / "llama"), "--model", "x:y") == 2
+    assert "save_pretrained directory: its config.json names the architecture" in capsys.readouterr().err
+    assert cli(str(tmp_path / "llama"), "--target", "0.5") == 2
+    assert "lc.plan_collapse(lc.load_pretrained(path)" in capsys.readouterr().err
+    (tmp_path / "llama" / "config.json").write_text("{")
+    assert cli(str(tmp_path / "llama")) == 2
+    assert "config.json is corrupt" in capsys.readouterr().err

@@ -1,13 +1,16 @@
 """``lc-kernels plan CHECKPOINT``: the collapse plan report for a saved model.
 
-CHECKPOINT is a directory written by ``save_collapsed`` (its JSON records every applied plan)
-or a file holding the ``state_dict()`` of a prepared, uncollapsed model. Planning needs the
-architecture: ``--model MODULE:FACTORY`` builds it fresh. Without ``--model`` a
+CHECKPOINT is a directory written by ``save_collapsed`` (its JSON records every applied plan),
+a directory written by ``save_pretrained`` (its ``config.json`` records the architecture, each
+site's form and the applied plans: the model is rebuilt with ``load_pretrained``, no ``--model``),
+or a file holding the ``state_dict()`` of a prepared, uncollapsed model. Planning the other kinds
+needs the architecture: ``--model MODULE:FACTORY`` builds it fresh. Without ``--model`` a
 ``save_collapsed`` directory is reported from its stored plans alone.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import importlib.util
 import json
@@ -34,7 +37,9 @@ must match its input width. With calibration each site's error is the exact ||de
 of its collapse at the site's output, and the plan's model-output error is measured.
 --max-error and --target need it.
 
-Without --model, a save_collapsed directory is reported from the plans stored with it."""
+Without --model, a save_collapsed directory is reported from the plans stored with it. A
+save_pretrained directory needs no --model (its config.json names the architecture) and takes
+no --calib (a language model calibrates on token ids: use lc.plan_collapse(model, calib=...))."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = CALIB_HELP
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a save_collapsed directory, or a state-dict file (torch.save) of a prepared model")
+                        help="a save_collapsed or save_pretrained directory, or a state-dict file (torch.save) "
+                             "of a prepared model")
     parser.add_argument("--model", metavar="MODULE:FACTORY",
                         help="build the original architecture by calling FACTORY() from MODULE (an importable "
                              "module or a path to a .py file); required for a state-dict file")
@@ -80,8 +86,52 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def pretrained_entry(path: str) -> dict | None:
+    """The ``"lc_kernels"`` entry of a ``save_pretrained`` directory's ``config.json`` (else None)."""
+    from ..transforms.pretrained import CONFIG
+
+    cfg_path = os.path.join(path, CONFIG)
+    if not (os.path.isdir(path) and os.path.isfile(cfg_path)):
+        return None
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is corrupt (not JSON: {e})") from e
+    entry = cfg.get("lc_kernels") if isinstance(cfg, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
 def _run(args: argparse.Namespace) -> int:
     path = args.checkpoint
+    entry = pretrained_entry(path)
+    if entry is not None:
+        if args.model is not None:
+            raise ValueError(f"{path} is a save_pretrained directory: its config.json names the architecture; "
+                             "drop --model")
+        if args.calib is not None or args.max_error is not None or args.target is not None:
+            raise ValueError(f"{path} is a save_pretrained directory (a language model, calibrated on token ids): "
+                             "--calib, --max-error and --target read float model inputs; plan it in Python with "
+                             "lc.plan_collapse(lc.load_pretrained(path), calib=..., target=...)")
+        from ..transforms import load_pretrained
+
+        model = load_pretrained(path)
+        sites = entry.get("sites", {})
+        forms = ", ".join(f"{n} {k}" for k, n in sorted(collections.Counter(
+            f"{s.get('kind', '?')} {s.get('form', '?')}" for s in sites.values()).items()))
+        applied = [CollapsePlan.from_dict(d) for d in entry.get("plans", [])]
+        print(f"{path}: save_pretrained directory, {len(sites)} sites ({forms or 'none'}), {len(applied)} plan(s) "
+              f"applied to LCFusedMLP/LCChain sites (lc_kernels {entry.get('version', '?')})")
+        for name, site in sites.items():
+            print(f"  {name}: {site.get('kind', '?')} {site.get('form', '?')}")
+        if not find_sites(model):
+            # Gated sites have no algebraic merge: planning them needs token-id calibration and a budget.
+            _print_applied(applied)
+            print("no LCFusedMLP/LCChain site left to plan without data; to plan the gated sites: "
+                  "lc.plan_collapse(lc.load_pretrained(path), calib=token batches, target=...)")
+            _write_json(args.json, applied, None)
+            return 0
+        return _plan_model(args, model, applied, calib=None)
     if args.model is None:
         if args.calib is not None or args.max_error is not None or args.target is not None:
             raise ValueError("--calib, --max-error and --target run the model: pass --model MODULE:FACTORY")
@@ -105,12 +155,16 @@ def _run(args: argparse.Namespace) -> int:
     else:
         load_prepared_state(model, path)
         applied = []
+    calib = None if args.calib is None else load_calib(args.calib, model, key=args.calib_key, rows=args.calib_rows)
+    return _plan_model(args, model, applied, calib)
+
+
+def _plan_model(args: argparse.Namespace, model: nn.Module, applied: list[CollapsePlan], calib: object) -> int:
     _print_applied(applied)
     if not find_sites(model):
         print("no collapsible sites left: the model is fully collapsed")
         _write_json(args.json, applied, None)
         return 0
-    calib = None if args.calib is None else load_calib(args.calib, model, key=args.calib_key, rows=args.calib_rows)
     plan = plan_collapse(model, tol=args.tol, calib=calib, max_error=args.max_error, target=args.target,
                          force=args.force, objective=args.objective, search=args.search, tokens=args.tokens,
                          fit=args.fit if calib is not None else None, select=args.select)
