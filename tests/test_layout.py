@@ -21,7 +21,7 @@ RANKS = {
     "algebra": 4,
     "planning": 5,
     "transforms": 6,
-    "finetune": 7,
+    "finetune": 7, "healing": 7,
     "compress": 8, "speedup": 8, "warmup": 8,
     "": 9,  # lc_kernels/__init__.py, the public surface
     "cli": 10,
