@@ -132,7 +132,8 @@ def user_loss(heal_loss: Callable, model: nn.Module, b: Batch, step: int | None 
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or (torch.is_grad_enabled() and not loss.requires_grad):
         where = "" if step is None else f" (healing step {step})"
         raise TypeError(f"heal_loss(model, batch) must return a scalar tensor with a graph to the model's weights"
-                        f"{where}, got {type(loss).__name__} {tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
+                        f"{where}, got {type(loss).__name__} "
+                        f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
                         "; return e.g. F.cross_entropy(model(x), y), not a float or a detached tensor")
     return loss.reshape(())
 
