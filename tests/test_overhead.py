@@ -295,3 +295,253 @@ def test_plain_gemms_on_cuda_go_to_f_linear_not_triton(monkeypatch):
     assert run(None) == {"F.linear": 1}  # the public op: no bias, no activation
     assert run(None, torch.empty(d)) == {"F.linear": 1}
     assert run(None, torch.empty(d), torch.empty(1), "gelu") == {"triton fused_linear": 1}
+
+
+# ---------------------------------------------------------------- LCGatedMLP: the same checks
+
+from lc_kernels.nn.gated import LCGatedMLP  # noqa: E402
+from lc_kernels.ops import fused_gated_linear_op, reference  # noqa: E402
+
+
+class _LlamaLikeMLP(nn.Module):
+    """What LCGatedMLP replaces: transformers' LlamaMLP forward, ``down(silu(gate x) * up x)``."""
+
+    def __init__(self, d: int = 24, h: int = 40):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _gated(kind: str, d: int = 24, h: int = 40, k: int = 16) -> LCGatedMLP:
+    """An LCGatedMLP of each form with random weights (``alpha`` 0 unless the kind says)."""
+    if kind == "gated":
+        src = _LlamaLikeMLP(d, h)
+        return LCGatedMLP.from_modules(src.gate_proj, src.up_proj, src.down_proj, "silu").eval()
+    if kind in ("packed", "packed_alpha"):
+        m = LCGatedMLP(d, h, packed=True, bias=True, alpha_init=0.3 if kind == "packed_alpha" else 0.0)
+        return m.eval()
+    form = "linear" if kind == "linear" else "partial"
+    spec = dict(form=form, in_features=d, hidden_features=h, out_features=d, kept=0 if form == "linear" else k,
+                rank=8 if kind == "partial_lowrank" else None, act=None if form == "linear" else "silu",
+                num_alphas=0 if form == "linear" else 1, packed=True, bias=kind == "linear")
+    m = LCGatedMLP.empty(spec)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        if form == "partial":
+            m.act.alpha.fill_(0.25 if kind == "partial_alpha" else 0.0)
+    return m.eval()
+
+
+def _gated_ref(m: LCGatedMLP, x: torch.Tensor) -> torch.Tensor:
+    """The block in float64 through ops/reference.py, whatever its form."""
+    x = x.double()
+    mods = {n: {k: (None if v is None else v.double()) for k, v in mod._parameters.items()}
+            for n, mod in m.named_children()}
+    y = 0
+    if m.form != "linear":
+        if "gate_up_proj" in mods:
+            gu = mods["gate_up_proj"]
+            w, b = gu["weight"], gu["bias"]
+        else:
+            w = torch.cat([mods["gate_proj"]["weight"], mods["up_proj"]["weight"]])
+            b = None
+        h = reference.fused_gated_linear(x, w, b, m.act.base, mods["act"]["alpha"])
+        y = F.linear(h, mods["down_proj"]["weight"], mods["down_proj"]["bias"])
+    if m.form != "gated":
+        s = x if "skip_in" not in mods else F.linear(x, mods["skip_in"]["weight"])
+        y = y + F.linear(s, mods["skip"]["weight"], mods["skip"]["bias"])
+    return y
+
+
+GATED_KINDS = ["gated", "packed", "packed_alpha", "partial", "partial_alpha", "partial_lowrank", "linear"]
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (2, 3, 24), (1, 24)], ids=["2d", "3d", "one_token"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_gated_aten_calls_at_alpha_zero_match_llama_mlp(shape, mode):
+    """Uncollapsed at alpha = 0: LlamaMLP's calls (3 linear, silu, mul), the activation and the
+    product in place, no lerp; the packed layout one GEMM fewer, its gate half sliced."""
+    src = _LlamaLikeMLP()
+    m = LCGatedMLP.from_modules(*copy.deepcopy([src.gate_proj, src.up_proj, src.down_proj]), "silu").eval()
+    x = torch.randn(*shape)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        ref_ops, lc_ops = _ops(src, x), _ops(m, x)
+        assert len(lc_ops) == len(ref_ops), (ref_ops, lc_ops)
+        in_place = {"aten.silu_.default": "aten.silu.default", "aten.mul_.Tensor": "aten.mul.Tensor"}
+        assert Counter(in_place.get(op, op) for op in lc_ops) == Counter(ref_ops), (ref_ops, lc_ops)
+        assert set(in_place) <= set(lc_ops)
+        assert torch.equal(m(x), src(x))
+        packed = LCGatedMLP(24, 40, packed=True).eval()  # Llama's widths, no bias
+        ops = Counter(_ops(packed, x))
+        gemms = {"aten.linear.default", "aten.t.default", "aten.mm.default", "aten.view.default",
+                 "aten._unsafe_view.default"}  # F.linear, decomposed under no_grad
+        assert set(ops) <= gemms | {"aten.slice.Tensor", *in_place}, ops
+        assert ops["aten.slice.Tensor"] == 2 and all(ops[op] == 1 for op in in_place), ops
+        assert rel_err(packed(x), _gated_ref(packed, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("alpha_kind", ["none", "zero", "scalar", "channel"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("rows", [1, 63, 1100], ids=["m1", "m63", "two_blocks"])
+def test_gated_product_in_place_matches_reference(act, alpha_kind, dtype, rtol, rows):
+    """No-grad CPU path of the gated op: the product lives in the GEMM's (M, 2H) buffer at alpha
+    None or 0 (no (M, H) allocation), and every path matches the float64 reference; the
+    registered op gives the same values in a fresh contiguous output."""
+    h, k = (1024, 8) if rows == 1100 else (48, 40)  # 1100 x 2048: past activate_'s 2^21 block
+    x = torch.randn(rows, 1, k).to(dtype)
+    w, b = (torch.randn(2 * h, k) / k**0.5).to(dtype), torch.randn(2 * h).to(dtype)
+    alpha = {"none": None, "zero": torch.zeros(1), "scalar": torch.rand(1) * 2 - 0.5,
+             "channel": torch.rand(h) * 2 - 0.5}[alpha_kind]
+    alpha = None if alpha is None else alpha.to(dtype)
+    with torch.no_grad():
+        out = fused_gated_linear_op.gated_linear_act(x, w, b, act, alpha)
+        op_out = torch.ops.lc_kernels.fused_gated_linear(x.reshape(rows, k), w, b, act, alpha)
+    ref = reference.fused_gated_linear(x.double(), w.double(), b.double(), act,
+                                       None if alpha is None else alpha.double())
+    assert out.shape == (rows, 1, h) and out.dtype == dtype
+    assert rel_err(out, ref) <= rtol
+    assert op_out.is_contiguous() and torch.equal(op_out, out.reshape(rows, h))
+    if alpha_kind in ("none", "zero"):
+        assert out.untyped_storage().nbytes() == rows * 2 * h * out.element_size()  # the GEMM's buffer
+
+
+@pytest.mark.parametrize("kind", GATED_KINDS)
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "frozen"])
+def test_gated_inference_builds_no_graph_and_matches_the_training_path(kind, mode):
+    m = _gated(kind)
+    x = torch.randn(2, 5, 24)
+    ref = m(x)  # grad enabled, parameters require grad: the autograd path
+    assert ref.grad_fn is not None
+    assert rel_err(ref, _gated_ref(m, x)) <= 1e-5
+    if mode == "frozen":
+        m.requires_grad_(False)
+    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "frozen": torch.enable_grad}[mode]
+    packs = []
+    with ctx(), torch.autograd.graph.saved_tensors_hooks(lambda t: packs.append(t) or t, lambda t: t):
+        with OpLog() as log:
+            out = m(x)
+    assert out.grad_fn is None and packs == []
+    assert not [op for op in log.ops if op.startswith("lc_kernels.")], "the autograd-wrapped op ran"
+    assert not [op for op in log.ops if "lerp" in op] or kind.endswith("alpha")
+    if kind in ("gated", "packed", "linear"):
+        assert torch.equal(out, ref.detach())  # the same arithmetic with and without grad
+    else:  # PARTIAL: addmm_ in place without grad, y + F.linear under autograd: rounding apart
+        assert rel_err(out, ref.detach()) <= 1e-6
+
+
+def _partial_mlp(d: int = 24, h: int = 32) -> LCFusedMLP:
+    m = _partial(d, h)
+    with torch.no_grad():
+        m.act.alpha.zero_()
+    return m
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_shared", "gated", "gated_shared", "gated_lowrank", "gated_alpha_shared"])
+def test_partial_accumulates_in_place_on_every_inference_form(kind, monkeypatch):
+    """Both PARTIAL forms (separate GEMMs; one GEMM over [W1; S]) of both modules: the second GEMM
+    accumulates onto the skip's output in place (addmm_), no out-of-place addmm, no add."""
+    form = dispatch.SHARED if kind.endswith("shared") else dispatch.SEPARATE
+    monkeypatch.setattr(dispatch, "partial_form", lambda *args, **kwargs: form)
+    if kind.startswith("mlp"):
+        m = _partial_mlp()
+    else:
+        m = _gated({"gated": "partial", "gated_shared": "partial", "gated_lowrank": "partial_lowrank",
+                    "gated_alpha_shared": "partial_alpha"}[kind])
+    x = torch.randn(3, 7, 24)
+    with torch.inference_mode():  # F.linear stays one call (no_grad decomposes it into addmm)
+        ops = _ops(m, x)
+        out = m(x)
+        if kind.startswith("mlp"):
+            want = m.skip(x) + m.fc2(F.gelu(m.fc1(x)))
+        else:
+            want = _gated_ref(m, x)
+    assert rel_err(out, want) <= 1e-5
+    assert ops.count("aten.addmm_.default") == 1, ops
+    assert not [op for op in ops if op.startswith(("aten.add.", "aten.addmm.default"))], ops
+    assert (ops.count("aten.linear.default") == 1) == (form == dispatch.SHARED and "lowrank" not in kind), ops
+
+
+def test_gated_forward_checks_once(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("operand checks ran inside a module call")
+
+    monkeypatch.setattr(fused_gated_linear_op, "check_gated_operands", refuse)
+    x = torch.randn(3, 24)
+    for kind in GATED_KINDS:
+        m = _gated(kind)
+        m(x).sum().backward()  # autograd path
+        with torch.no_grad():
+            m(x)
+    with pytest.raises(AssertionError, match="operand checks ran"):
+        lc.ops.fused_gated_linear(x, torch.randn(8, 24))  # the public op still checks
+    m = _gated("packed")
+    with pytest.raises(TypeError, match=r"LCGatedMLP holds torch.float32 weights but x is torch.float64"):
+        m(torch.randn(3, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"LCGatedMLP expects input with last dim 24"):
+        m(torch.randn(3, 25))
+
+
+def test_gated_forms_on_cuda_call_the_gated_kernel_and_cublas(monkeypatch):
+    """Fake CUDA tensors through LCGatedMLP's real dispatch: the packed gate/up GEMM on the Triton
+    gated kernel, every other GEMM on F.linear (cuBLAS), PARTIAL's down_proj accumulated (addmm_)."""
+    calls = Counter()
+    real_linear = F.linear
+
+    def spy_linear(*args, **kwargs):
+        calls["F.linear"] += 1
+        return real_linear(*args, **kwargs)
+
+    def spy_launch(*args):
+        calls["triton fused_gated_linear"] += 1
+        return args[-1]
+
+    monkeypatch.setattr(F, "linear", spy_linear)
+    monkeypatch.setattr(fused_gated_linear_op, "launch_fused_gated_linear", spy_launch)
+
+    def run(kind: str) -> Counter:
+        m = _gated(kind, d=64, h=96, k=32)
+        with FakeTensorMode(), torch.inference_mode():
+            m = _fake_cuda(m)
+            x = torch.empty(3, 5, 64, device="cuda")
+            calls.clear()
+            with OpLog() as log:
+                out = m(x)
+            assert out.shape == (3, 5, 64) and out.is_cuda
+        return Counter(calls), log.ops
+
+    assert run("gated")[0] == {"F.linear": 3}
+    assert run("packed")[0] == {"triton fused_gated_linear": 1, "F.linear": 1}
+    got, ops = run("partial")
+    assert got == {"triton fused_gated_linear": 1, "F.linear": 1} and "aten.addmm_.default" in ops
+    assert run("partial_lowrank")[0] == {"triton fused_gated_linear": 1, "F.linear": 2}
+    assert run("linear")[0] == {"F.linear": 1}
+
+
+def test_gated_from_modules_checks_the_weights_once():
+    with pytest.raises(TypeError, match=r"down_proj is torch.float64 on cpu but the gate is torch.float32"):
+        LCGatedMLP.from_modules(nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4).double())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gated", "packed_alpha", "partial", "partial_lowrank"])
+def test_gated_compile_fullgraph_matches_eager(kind):
+    """The module's forward (hook checks, dict reads, the unchecked op entry) traces in one graph,
+    forward and backward, and inference under the compiled graph matches too."""
+    m = _gated(kind)
+    compiled = torch.compile(copy.deepcopy(m), fullgraph=True)  # a graph break raises
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    g = torch.randn(2, 5, 24)
+    y, want = compiled(x), m(x)
+    assert rel_err(y, want) <= 1e-5
+    got = torch.autograd.grad(y, [x, *compiled.parameters()], g)
+    ref = torch.autograd.grad(want, [x, *m.parameters()], g)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 1e-5
+    with torch.no_grad():
+        assert rel_err(compiled(x), _gated_ref(m, x)) <= 1e-5

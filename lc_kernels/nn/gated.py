@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..ops import dispatch, partial
-from ..ops.fused_linear_op import needs_autograd
+from ..ops.fused_gated_linear_op import gated_linear_act
+from ..ops.fused_linear_op import activate_, needs_autograd
 from .activation import CollapsibleActivation
 from .convert import to_collapsible
-from .mlp import check_input
+from .mlp import _alpha, _weight_bias, check_input
 
 FORMS = ("gated", "partial", "linear")
 
@@ -47,14 +47,23 @@ def gated_hidden(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, act: Collapsib
     """``act(gate x) * up x`` for separate gate and up Linears (the uncollapsed Llama layout).
 
     The Linears are called as modules (the same aten op as ``F.linear``) so that hooks on them run:
-    accelerate's offloading hooks load their weights only inside their own forward.
+    accelerate's offloading hooks load their weights only inside their own forward. Without
+    autograd the activation and the product run in place on the GEMMs' fresh outputs
+    (``activate_``: ``silu_`` alone at alpha = 0, then ``mul_``), the calls LlamaMLP makes; with it
+    or under torch.compile, out of place through the activation module.
     """
     g, u = gate(x), up(x)
-    return act(g).mul_(u) if not torch.is_grad_enabled() else act(g) * u
+    if _hooked(act) or torch.compiler.is_compiling() or needs_autograd(g, u):
+        # Under torch.compile too: activate_ reads alpha's bytes to spot alpha = 0 (no aten call,
+        # no host sync), which Dynamo cannot trace; Inductor fuses the formula's aten ops instead.
+        return act(g) * u
+    return activate_(g, _alpha(act), act.base).mul_(u)
 
 
 def _hooked(m: nn.Module) -> bool:
-    return getattr(m, "_hf_hook", None) is not None
+    # accelerate sets ``module._hf_hook`` as a plain attribute: a dict lookup, where getattr with a
+    # default goes through nn.Module.__getattr__ and a caught AttributeError on every call.
+    return "_hf_hook" in m.__dict__
 
 
 class LCGatedMLP(nn.Module):
@@ -113,6 +122,14 @@ class LCGatedMLP(nn.Module):
         if down_proj.in_features != h:
             raise ValueError(f"LCGatedMLP: the gate produces {h} channels but down_proj expects "
                              f"{down_proj.in_features}; these Linears do not form a gated FFN")
+        first = gate_up_proj if gate_up_proj is not None else gate_proj
+        for name, lin in (("up_proj", up_proj), ("down_proj", down_proj)):
+            # Checked here, once: forward checks only the input against the first weight.
+            for t in (() if lin is None else (lin.weight, lin.bias)):
+                w0 = first.weight
+                if t is not None and not t.is_meta and not w0.is_meta and (t.dtype, t.device) != (w0.dtype, w0.device):
+                    raise TypeError(f"LCGatedMLP.from_modules: {name} is {t.dtype} on {t.device} but the gate is "
+                                    f"{w0.dtype} on {w0.device}; move the Linears to one dtype and device")
         self.in_features, self.hidden_features, self.out_features = d, h, down_proj.out_features
         self.form = "gated"
         like = down_proj.weight
@@ -138,54 +155,63 @@ class LCGatedMLP(nn.Module):
         return None if m is None else m.out_features
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """``act(gate x) * up x``, the gated channels (kept channels once PARTIAL)."""
-        if self.packed:
-            gu = self.gate_up_proj
-            if _hooked(gu) or _hooked(self.act):  # offloaded: its weights exist only inside its own forward
-                g, u = gu(x).chunk(2, dim=-1)
-                return self.act(g) * u
-            return ops.fused_gated_linear(x, gu.weight, gu.bias, self.act.base, self.act.alpha)
-        return gated_hidden(x, self.gate_proj, self.up_proj, self.act)
+        """``act(gate x) * up x``, the gated channels (kept channels once PARTIAL). Without autograd
+        on CPU, a packed block returns a view into its GEMM's output (row stride 2k)."""
+        mods = self._modules
+        gu, act = mods.get("gate_up_proj"), mods["act"]
+        if gu is None:
+            return gated_hidden(x, mods["gate_proj"], mods["up_proj"], act)
+        if _hooked(gu) or _hooked(act):  # offloaded: its weights exist only inside its own forward
+            g, u = gu(x).chunk(2, dim=-1)
+            return act(g) * u
+        w, b = _weight_bias(gu)
+        return gated_linear_act(x, w, b, act.base, _alpha(act))
 
     def _skip(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        s_in = self._modules.get("skip_in")
+        mods = self._modules
+        s_in = mods.get("skip_in")
         if s_in is not None:
-            x = F.linear(x, s_in.weight)
-        return F.linear(x, self.skip.weight, bias)
+            x = F.linear(x, _weight_bias(s_in)[0])
+        return F.linear(x, _weight_bias(mods["skip"])[0], bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_features, "LCGatedMLP")
-        if self.form == "linear":
-            return self._skip(x, self.skip.bias)
-        if self.form == "partial" and self._shared(x):
-            gu, down = self.gate_up_proj, self.down_proj
-            return partial.shared_gated(x, gu.weight, gu.bias, self.act.alpha, self.act.base, self.skip.weight,
-                                        down.weight, down.bias)
-        h = self.hidden(x)
-        if self.form == "gated":
-            return self.down_proj(h)
+        # One check of x per call (width, dtype and device against the first weight); the weights
+        # were checked when the block was built, so the ops below run unchecked. Submodules and
+        # parameters are read through the dicts (mlp._weight_bias): nn.Module.__getattr__ runs
+        # Python on each of the ~10 reads a call makes.
+        mods = self._modules
+        form = self.form
+        first = mods.get("gate_up_proj") or mods.get("gate_proj") or mods.get("skip_in") or mods["skip"]
+        hooked = any(_hooked(m) for m in mods.values())
+        check_input(x, self.in_features, "LCGatedMLP", None if hooked else _weight_bias(first)[0])
+        if form == "gated":
+            return mods["down_proj"](self.hidden(x))
+        if form == "linear":
+            return self._skip(x, _weight_bias(mods["skip"])[1])
+        down = mods["down_proj"]
+        if hooked:  # offloaded: every Linear through its module, so its hook loads its weights
+            s_in = mods.get("skip_in")
+            return mods["skip"](x if s_in is None else s_in(x)) + down(self.hidden(x))
+        wd, bd = _weight_bias(down)
+        gu, act = mods["gate_up_proj"], mods["act"]
+        w, b = _weight_bias(gu)
+        alpha, ws = _alpha(act), _weight_bias(mods["skip"])[0]
+        s_in = mods.get("skip_in")
+        grad = needs_autograd(x, w, b, alpha, wd, bd, ws, None if s_in is None else _weight_bias(s_in)[0])
+        if (not grad and s_in is None
+                and dispatch.partial_form(x, self.in_features, w.shape[0] // 2, self.out_features, act.base,
+                                          gated=True) == dispatch.SHARED):
+            # lc.warmup measured one GEMM over [W_g; W_u; S] faster at this shape (ops/partial.py).
+            return partial.shared_gated(x, w, b, alpha, act.base, ws, wd, bd)
+        h = gated_linear_act(x, w, b, act.base, alpha)
         # PARTIAL: the skip writes the output with the block's bias, down_proj accumulates onto it
-        # (BLAS beta = 1): no third buffer, no separate add pass.
-        y = self._skip(x, self.down_proj.bias)
-        if torch.is_grad_enabled() and (h.requires_grad or y.requires_grad):
-            return y + F.linear(h, self.down_proj.weight)
-        y2 = y.view(-1, y.shape[-1])
-        y2.addmm_(h.reshape(-1, h.shape[-1]), self.down_proj.weight.t())
+        # in place (BLAS beta = 1): no third buffer, no separate add pass. Under autograd the sum
+        # stays out of place.
+        y = self._skip(x, bd)
+        if grad:
+            return y + F.linear(h, wd)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), wd.t())
         return y
-
-    def _shared(self, x: torch.Tensor) -> bool:
-        """Whether this PARTIAL block runs the shared-first-GEMM form (``ops/partial.py``): packed
-        gate and up, a full-rank skip, lc.warmup measured that form faster at this shape (asked
-        first: one lookup when nothing was), no offloading hooks, and inference."""
-        if not self.packed or "skip_in" in self._modules:
-            return False
-        gu, down, act = self.gate_up_proj, self.down_proj, self.act
-        if dispatch.partial_form(x, self.in_features, gu.out_features // 2, self.out_features, act.base,
-                                 gated=True) != dispatch.SHARED:
-            return False
-        if _hooked(gu) or _hooked(act) or _hooked(down) or _hooked(self.skip):
-            return False
-        return not needs_autograd(x, gu.weight, gu.bias, act.alpha, down.weight, down.bias, self.skip.weight)
 
     def spec(self) -> dict:
         """What rebuilds this module empty (:meth:`empty`): form, widths, activation, bias, rank."""

@@ -8,9 +8,18 @@ point of one op; ``x`` is 2-D inside the op. Paths as for :mod:`.fused_linear_op
 * CUDA (unless ``LC_KERNELS_DISABLE_TRITON=1``): ``kernels/fused_gated_linear.py``, one pass
   over ``x`` for both halves.
 * CPU eager: one packed GEMM ``F.linear(x, w, b)`` to ``(M, 2H)``, the activation in place on
-  its gate half, the product into the ``(M, H)`` output; with ``LC_KERNELS_FORCE_TRITON=1``
-  (and ``TRITON_INTERPRET=1``) the Triton kernel through Triton's interpreter instead.
+  its gate half (``fused_linear_op.activate_``: the base activation alone where alpha is None or
+  all +0.0, read from memory, no lerp), the product in place (``gate.mul_(up)``); with
+  ``LC_KERNELS_FORCE_TRITON=1`` (and ``TRITON_INTERPRET=1``) the Triton kernel through Triton's
+  interpreter instead.
+* Eager CPU with nothing requiring grad: the CPU kernel's arithmetic is called directly
+  (:func:`gated_linear_act`), with no custom-op dispatch and no autograd context, and returns the
+  gate half of the GEMM's ``(M, 2H)`` buffer (row stride 2H): no ``(M, H)`` allocation at all.
 * ``torch.compile``: the op decomposes into its body (see :mod:`.launch`).
+
+:func:`fused_gated_linear` is the public, checked entry; :func:`gated_linear_act` is the same call
+without the operand checks, for ``nn.LCGatedMLP``, whose weights were checked when it was built and
+whose forward checks the input.
 """
 import functools
 from typing import Any, Optional, Sequence
@@ -18,7 +27,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import launch, reference
+from . import dispatch, launch, reference
+from .fused_linear_op import activate_, needs_autograd
 from .validate import check_gated_operands
 
 QUALNAME = "lc_kernels::fused_gated_linear"
@@ -68,24 +78,44 @@ def _body(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, ac
 op = launch.define_op(QUALNAME, _body)
 
 
+def _activated_gate(z: torch.Tensor, act: str,
+                    alpha: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(sigma_alpha(gate), up, in_place)`` from ``z = [gate | up]`` (``(..., 2H)``, a buffer the
+    caller owns). ``activate_`` works in place on the gate half (``in_place``) at alpha None or
+    +0.0 (the base activation alone, no lerp) and past 2^21 elements; alpha != 0 below that (lerp
+    into ``base(gate)``) and relu with alpha (PReLU) return a fresh ``(..., H)`` tensor."""
+    h = z.shape[-1] // 2
+    gate = z[..., :h]
+    activated = activate_(gate, alpha, act)
+    return activated, z[..., h:], activated is gate
+
+
 def cpu_gated_linear(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """The CPU kernel's arithmetic: one packed GEMM, the epilogue in place on its gate half and
-    the product written straight into the output, so the only buffers are the GEMM's
-    ``(M, 2H)`` and the ``(M, H)`` result (the out-of-place reference allocates three more
-    ``(M, H)`` tensors with alpha)."""
-    h = w.shape[0] // 2
-    z = F.linear(x, w, b)
-    gate, up = z[:, :h], z[:, h:]
-    activated = reference.collapsible_activation_(gate, act, alpha)
-    if activated is gate:
-        return torch.mul(gate, up, out=x.new_empty((x.shape[0], h)))
-    # relu with alpha: PReLU already returned a fresh (M, H) tensor; it becomes the output.
+    """The no-grad CPU arithmetic (:func:`gated_linear_act`): one packed GEMM, then the activation
+    and the product in place (``mul_``) on whichever ``(..., H)`` tensor holds the activated gate.
+    At alpha None or 0 that is the GEMM's gate half, returned as a view (row stride 2H, a valid
+    BLAS operand for the next GEMM): no ``(..., H)`` buffer, and the calls of a Llama MLP's first
+    half with its two GEMMs packed into one (``linear``, ``silu_``, ``mul_``).
+    """
+    activated, up, _ = _activated_gate(F.linear(x, w, b), act, alpha)
     return activated.mul_(up)
 
 
-op.register_kernel("cpu")(launch.op_kernel("fused_gated_linear", _triton, cpu_gated_linear))
+def _cpu_kernel(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str,
+                alpha: Optional[torch.Tensor]) -> torch.Tensor:
+    """The op's CPU kernel: :func:`cpu_gated_linear`'s values bit for bit, in a fresh contiguous
+    ``(M, H)`` output, which is what the fake kernel promises (opcheck compares strides): where
+    the activation ran in place on the GEMM's gate half, the product goes into a new output
+    (``torch.mul(out=)``, the same single pass as ``mul_``); else into the fresh activated tensor."""
+    activated, up, in_place = _activated_gate(F.linear(x, w, b), act, alpha)
+    if in_place:
+        return torch.mul(activated, up, out=x.new_empty(activated.shape))
+    return activated.mul_(up)
+
+
+op.register_kernel("cpu")(launch.op_kernel("fused_gated_linear", _triton, _cpu_kernel))
 
 
 def gated_linear_backward(
@@ -137,6 +167,30 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
 op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def gated_linear_act(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "silu",
+    alpha: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`fused_gated_linear` without the operand checks, for callers that checked them
+    (``nn.LCGatedMLP`` checks ``x`` once per call, its weights when it was built).
+
+    Eager CPU with nothing requiring grad returns the gate half of the GEMM's ``(..., 2H)``
+    buffer (row stride 2H, a valid BLAS operand for the next GEMM); every other path returns a
+    fresh tensor.
+    """
+    if torch.compiler.is_exporting():
+        # torch.export / ONNX: plain aten ops, so the exported graph needs neither this package
+        # nor a translation for its ops.
+        return reference.fused_gated_linear(x, w, b, act, alpha)
+    if (not torch.compiler.is_compiling() and dispatch.kernel_path(x) == dispatch.ATEN
+            and not needs_autograd(x, w, b, alpha)):
+        return cpu_gated_linear(x, w, b, act, alpha)
+    return launch.on_rows(torch.ops.lc_kernels.fused_gated_linear, x, w.shape[0] // 2, w, b, act, alpha)
+
+
 def fused_gated_linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -163,7 +217,4 @@ def fused_gated_linear(
         TypeError, ValueError: on operands that do not fit, saying what to change.
     """
     check_gated_operands("fused_gated_linear", x, w, b, act, alpha)
-    if torch.compiler.is_exporting():
-        # torch.export / ONNX: plain aten ops, as for fused_linear.
-        return reference.fused_gated_linear(x, w, b, act, alpha)
-    return launch.on_rows(torch.ops.lc_kernels.fused_gated_linear, x, w.shape[0] // 2, w, b, act, alpha)
+    return gated_linear_act(x, w, b, act, alpha)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference
 from .fused_linear_op import activate_
 
 # first weight of a block -> (stamp of its parts, stacked weight, stacked bias).
@@ -72,7 +71,9 @@ def shared_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], al
     z = F.linear(x, w, b)
     z2 = z.view(-1, z.shape[-1])
     hidden = activate_(z2[:, :k], alpha, act)
-    return torch.addmm(z2[:, k:], hidden, w2.t()).view(*x.shape[:-1], w2.shape[0])
+    # fc2 accumulates onto the skip's columns in place (BLAS beta = 1, ldc = k + n): no (M, n)
+    # buffer and no copy of the skip's output into one; the result is a view of the GEMM's output.
+    return z2[:, k:].addmm_(hidden, w2.t()).view(*x.shape[:-1], w2.shape[0])
 
 
 def shared_gated(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
@@ -86,5 +87,5 @@ def shared_gated(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], al
     z = F.linear(x, ws, bs)
     z2 = z.view(-1, z.shape[-1])
     gate, up = z2[:, : k2 // 2], z2[:, k2 // 2 : k2]
-    hidden = reference.collapsible_activation_(gate, act, alpha).mul_(up)
-    return torch.addmm(z2[:, k2:], hidden, w2.t()).view(*x.shape[:-1], w2.shape[0])
+    hidden = activate_(gate, alpha, act).mul_(up)  # alpha = 0: silu_ and mul_, in place
+    return z2[:, k2:].addmm_(hidden, w2.t()).view(*x.shape[:-1], w2.shape[0])
