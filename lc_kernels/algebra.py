@@ -119,16 +119,18 @@ def affine_matrix(a: Affine) -> torch.Tensor:
     return torch.cat([a.weight.T, a.bias[None, :]], dim=0)
 
 
-def ridge_fit(ata: torch.Tensor, aty: torch.Tensor, m0: Affine, ridge: float = FIT_RIDGE) -> Affine:
+def ridge_fit(ata: torch.Tensor, aty: torch.Tensor, m0: Affine, ridge: float = FIT_RIDGE,
+              lam: float | None = None) -> Affine:
     """``argmin ||A M - Y||^2 + lam ||M - M0||^2`` from the normal equations.
 
-    ``M = (A^T A + lam I)^-1 (A^T Y + lam M0)`` with ``lam = ridge * trace(A^T A) / (d + 1)``.
-    Where ``Y = A M0`` (a joint already linear on the data) the solution is ``M0`` for any lam,
-    and the fit's residual on the data is never larger than M0's.
+    ``M = (A^T A + lam I)^-1 (A^T Y + lam M0)`` with ``lam = ridge * trace(A^T A) / (d + 1)`` unless
+    ``lam`` (absolute) is given. Where ``Y = A M0`` (a joint already linear on the data) the solution
+    is ``M0`` for any lam, and the fit's residual on the data is never larger than M0's.
     """
     d = ata.shape[0]
-    lam = ridge * float(torch.diagonal(ata).mean()) if ata.numel() else 0.0
-    lam = lam if lam > 0 else 1.0
+    if lam is None:
+        lam = ridge * float(torch.diagonal(ata).mean()) if ata.numel() else 0.0
+        lam = lam if lam > 0 else 1.0
     m0m = affine_matrix(m0)
     lhs = ata + lam * torch.eye(d, dtype=ata.dtype, device=ata.device)
     m = torch.linalg.solve(lhs, aty + lam * m0m)

@@ -42,6 +42,8 @@ def plan_collapse(
     example: object = None,
     tokens: int | None = None,
     select: str = "activation",
+    allocation: str | None = None,
+    allocation_evals: int | None = None,
 ) -> CollapsePlan:
     """Decide, per site, which joints become linear; reads the model, never changes it.
 
@@ -84,6 +86,17 @@ def plan_collapse(
     measured better at half the FFN FLOPs and worse at three quarters (fitted_encoder.md), and on
     the nonlinear task neither was better beyond the test set's noise (nonlinear_task.md).
 
+    Gated FFN sites (:class:`~lc_kernels.LCGatedMLP`) hold the last ``1/8`` of the calibration
+    batches (or rows) out of every fit. With ``target``, widths are allocated by measuring whole
+    assignments there (mean KL per token of the next-token distributions through the output
+    embedding, else ``||dy|| / ||y||``): one width everywhere (``uniform``), a removed share rising
+    with depth (``depth``) and the least summed held-out site error (``lagrangian``), then
+    ``allocation_evals`` search moves (one site a step narrower, another a step wider) from the best;
+    ``plan.allocation`` lists each with its widths and error. ``allocation="uniform"`` (or
+    ``"depth"``, ``"lagrangian"``) measures that assignment alone. The ridge of each site's fit is
+    chosen on the held-out rows, and with ``fit=None`` the fit target too (local on the dense
+    model's inputs, local in sequence, global in sequence: the best measured is kept).
+
     ``objective="latency"`` plans on measured time instead of FLOPs: every candidate form is timed
     on the model's device and dtype at the token count of ``example`` (or ``tokens=``), cached per
     device, dtype and shape (:mod:`~lc_kernels.planning.latency`); ``target`` is then the fraction
@@ -97,7 +110,8 @@ def plan_collapse(
                          "load_state_dict)")
     opts = PlanOptions.of(tol=tol, calib=calib, max_error=max_error, target=target, force=force,
                           objective=objective, search=search, fit=fit, forward_fn=forward_fn, round_to=round_to,
-                          example=example, tokens=tokens, select=select)
+                          example=example, tokens=tokens, select=select, allocation=allocation,
+                          allocation_evals=allocation_evals)
     return plan_with(model, opts)
 
 

@@ -39,16 +39,12 @@ from ..algebra import Affine, FIT_RIDGE, ridge_fit, with_ones
 from ..nn.gated import LCGatedMLP
 from ..ops.reference import collapsible_activation
 from .inputs import Batch, ForwardFn
-from .layerwise import SiteStream, _Measure, materialized, relative_error, site_hooks
+from .allocate import SEARCH_EVALS, Option, choose, lagrangian
+from .inputs import holdout_split
+from .layerwise import HeldOut, SiteStream, _Measure, materialized, relative_error, site_hooks
 from .plan import KEEP, LINEAR, PARTIAL, CollapsePlan, JointPlan, SitePlan
 
 FITS = ("local", "global")
-# Rows of each site's dense inputs the estimate pass uses (the fit pass uses every row): the
-# candidates' errors only rank widths, and the Gram matrix costs rows x (h + d)^2.
-ESTIMATE_ROWS = 2048
-# Rows that rank a site's channels (the scores need [x,1]^T h and sum h^2: a sample ranks them as
-# well as every row, at a fraction of the cost; the fit itself uses every row).
-SCREEN_ROWS = 4096
 # Kept-width candidates per site: where a PARTIAL removes these fractions of the block's FLOPs.
 FRACTIONS = tuple(k / 20 for k in range(1, 20))
 
@@ -179,11 +175,7 @@ class GatedStats:
             gxx = torch.zeros(s.d + 1, s.d + 1, dtype=torch.float64, device=dev)
             gxh = torch.zeros(s.d + 1, s.h, dtype=torch.float64, device=dev)
             hh = torch.zeros(s.h, dtype=torch.float64, device=dev)
-            left = SCREEN_ROWS
             for x in self.xs:
-                if left <= 0:
-                    break
-                x, left = x[:left], left - min(left, x.shape[0])
                 a, h = with_ones(x), self._hidden(x)
                 gxx += a.T @ a
                 gxh += a.T @ h
@@ -221,16 +213,19 @@ class GatedStats:
             tt += float(t.pow(2).sum())
         return ata, aty, tt
 
-    def fit(self, kept: torch.Tensor, ridge: float = FIT_RIDGE) -> tuple[Affine, float, float]:
+    def fit(self, kept: torch.Tensor, ridge: float = FIT_RIDGE, lam: float | None = None, prior: bool = True
+            ) -> tuple[Affine, float, float]:
         """The joint least-squares fit on ``[h_K, x, 1]`` (kept channels ``kept``, sorted), pulled toward
-        the dense block's own weights; returns the map (``weight`` = ``[W_d', S]``), its squared error
-        on the rows and ``||T||^2``."""
+        the dense block's own weights (``prior``) or toward 0 (the estimate's fits, which every width
+        shares), with ridge ``lam`` (absolute) when given; returns the map (``weight`` =
+        ``[W_d', S]``), its squared error on the rows and ``||T||^2``."""
         s = self.site
         kept = kept.to(s.wd.device)
         ata, aty, tt = self.normal_equations(kept)
-        prior = Affine(torch.cat([s.wd[:, kept], torch.zeros(s.d_out, s.d, dtype=torch.float64,
-                                                              device=s.wd.device)], dim=1), s.bd.clone())
-        fit = ridge_fit(ata, aty, prior, ridge)
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=s.wd.device)  # noqa: E731
+        prior = Affine(torch.cat([s.wd[:, kept], z(s.d_out, s.d)], dim=1), s.bd.clone()) if prior else \
+            Affine(z(s.d_out, int(kept.numel()) + s.d), z(s.d_out))
+        fit = ridge_fit(ata, aty, prior, ridge, lam)
         m = torch.cat([fit.weight.T, fit.bias[None]])
         err2 = tt - 2 * float((m * aty).sum()) + float((m * (ata @ m)).sum())
         return fit, max(err2, 0.0), tt
@@ -294,81 +289,147 @@ def build_module(site: GatedSite, kept: torch.Tensor, fit: Affine) -> LCGatedMLP
 
 
 @dataclass
-class Candidate:
-    kept: int
-    flops: int
-    err2: float  # squared error at the site's output on the estimate rows
+class SiteEstimate:
+    """One site's candidates on its dense inputs, fitted on the fit rows and measured on held-out rows.
+
+    The columns are ordered ``[x, 1, h_order]`` (channels most worth keeping first), so the Cholesky
+    factor ``L`` of the ridge-regularised Gram matrix serves every kept width at once: the leading
+    block of ``L`` is the factor of each prefix, the width-``k`` fit is ``L_k^-T z_k`` with
+    ``z = L^-1 A^T Y``, and the held-out predictions of every width come from one triangular solve of
+    the held-out rows (``A_v L^-T``), accumulated prefix by prefix.
+    """
+
+    order: torch.Tensor  # channels, most worth keeping first
+    lam: float  # absolute ridge, chosen on the held-out rows
+    chol: torch.Tensor  # L, (d + 1 + h)^2
+    z: torch.Tensor  # L^-1 A^T Y
+    val_err2: dict[int, float]  # held-out squared error per kept width (out of sample)
+    fit_err2: dict[int, float]  # the same on the fit rows (in sample: for the report and the tests)
+    val_tt: float  # ||Y||^2 on the held-out rows
     weight: float  # 1 / ||stream||^2: how a site error shows in the stream it is added to
 
-
-def estimate(engine: SiteStream, round_to: int, ridge: float = FIT_RIDGE) -> tuple[list[list[Candidate]], list[float]]:
-    """Candidates per site on the dense model's inputs; also each site's dense output norm^2."""
-    cands: list[list[Candidate]] = [[] for _ in engine.sites]
-    norms = [0.0] * len(engine.sites)
-
-    def visit(i, rows):
-        s = engine.sites[i]
-        st = GatedStats(s)
-        left = ESTIMATE_ROWS
-        for x, y, _, stream in rows:
-            if left <= 0:
-                break
-            st.add(x[:left], y[:left], stream=None if stream is None else stream[:left])
-            left -= min(left, x.shape[0])
-        tt = sum(float(t.to(torch.float64).pow(2).sum()) for t in st.ts)
-        norms[i] = tt
-        weight = 1.0 / st.stream2 if st.stream2 > 0 else (1.0 / tt if tt > 0 else 1.0)
-        widths = sorted({s.kept_for(f, round_to) for f in FRACTIONS} | {0}, reverse=True)
-        widths = [k for k in widths if k < s.h and s.flops(k) < s.flops(s.h)]
-        errs = st.prefix_errors(widths, ridge)
-        cands[i] = [Candidate(s.h, s.flops(s.h), 0.0, weight)] + [Candidate(k, s.flops(k), errs[k], weight)
-                                                                  for k in widths]
-        s.release()
-        return None
-
-    engine.sweep(visit)
-    return cands, norms
+    def solve(self, site: GatedSite, k: int) -> tuple[torch.Tensor, Affine]:
+        """The kept channels (sorted) and the fitted map of width ``k`` (``[W_d', S]``, bias)."""
+        n = site.d + 1 + k
+        m = torch.linalg.solve_triangular(self.chol[:n, :n].T, self.z[:n], upper=True)  # rows: [x, 1, h_order[:k]]
+        ch = self.order[:k]
+        srt = ch.argsort()
+        w_h = m[site.d + 1:][srt].T
+        w = torch.cat([w_h, m[:site.d].T], dim=1)
+        return ch[srt], Affine(w, m[site.d].clone())
 
 
-def allocate(cands: list[list[Candidate]], need: float | None, max_err2: float | None) -> list[int]:
-    """One candidate per site: the least summed weighted error removing at least ``need`` FLOPs
-    (or the most FLOPs with summed weighted error within ``max_err2``), by a Lagrangian sweep over
-    the price of a FLOP (each site then picks ``argmin err - price * saving``)."""
-    def pick(price: float) -> list[int]:
-        out = []
-        for cs in cands:
-            keep = cs[0].flops
-            out.append(min(range(len(cs)), key=lambda c: cs[c].weight * cs[c].err2 - price * (keep - cs[c].flops)))
-        return out
+# Ridge grid (times the mean diagonal of the Gram matrix), chosen per site on the held-out rows.
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
+# Ridge of the Hessian the channel elimination works on, and how many channels leave per step.
+OBS_RIDGE = 1e-3
+OBS_STEPS = 64
 
-    def saving(sel):
-        return sum(cs[0].flops - cs[c].flops for cs, c in zip(cands, sel))
 
-    def err(sel):
-        return sum(cs[c].weight * cs[c].err2 for cs, c in zip(cands, sel))
+def obs_order(g: torch.Tensor, aty: torch.Tensor, lam: float, d1: int) -> torch.Tensor:
+    """Gated channels from most to least worth keeping, by backward elimination with compensation
+    (optimal brain surgeon on the joint least-squares fit of ``[x, 1, h] -> Y``, SlimGPT-style):
+    with ``H = G + lam I`` and the fit ``M = H^-1 A^T Y``, removing channel ``j`` and refitting the
+    rest raises the squared error by ``||M_j||^2 / [H^-1]_jj``; the cheapest ``h / OBS_STEPS``
+    channels leave together, ``M`` and ``H^-1`` are updated for their removal, and so on. The columns
+    of ``x`` (the skip) never leave, so a channel the skip already explains goes early."""
+    n = g.shape[0]
+    hinv = torch.linalg.inv(g + lam * torch.eye(n, dtype=g.dtype, device=g.device))
+    hinv = (hinv + hinv.T) / 2
+    m = hinv @ aty
+    alive = torch.ones(n, dtype=torch.bool, device=g.device)
+    alive[:d1] = False  # candidates: the channels only
+    h = n - d1
+    step = max(1, math.ceil(h / OBS_STEPS))
+    removed: list[torch.Tensor] = []
+    while bool(alive.any()):
+        idx = alive.nonzero().squeeze(1)
+        cost = m[idx].pow(2).sum(1) / torch.diagonal(hinv)[idx].clamp_min(1e-300)
+        r = idx[cost.argsort()[:step]]
+        hr = hinv[:, r]
+        sol = torch.linalg.solve(hinv[r][:, r], torch.cat([m[r], hr.T], dim=1))
+        m = m - hr @ sol[:, :m.shape[1]]
+        hinv = hinv - hr @ sol[:, m.shape[1]:]
+        alive[r] = False
+        removed.append(r)
+    return (torch.cat(removed[::-1]) - d1) if removed else torch.zeros(0, dtype=torch.long, device=g.device)
 
-    lo, hi = 0.0, 1.0
-    ok = (lambda sel: saving(sel) >= need) if need is not None else (lambda sel: err(sel) > max_err2)
-    while not ok(pick(hi)) and hi < 1e30:
-        hi *= 4
-    for _ in range(80):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6 if hi > 1e-300 else 0.0
-        if ok(pick(mid)):
-            hi = mid
+
+def estimate_site(s: GatedSite, fit_rows: list, val_rows: list, widths: list[int],
+                  ridges: tuple[float, ...] = RIDGES, select: str = "obs") -> SiteEstimate:
+    """Normal equations of ``[x, 1, h] -> y`` over every fit row, channels ranked, and each ridge of
+    ``ridges`` and kept width measured on ``val_rows`` (each a list of ``(x, y)``); without held-out
+    rows the errors are in-sample and the ridge is ``FIT_RIDGE``."""
+    d1, n = s.d + 1, s.d + 1 + s.h
+    dev = s.wd.device
+    g = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    aty = torch.zeros(n, s.d_out, dtype=torch.float64, device=dev)
+    tt, stream2 = 0.0, 0.0
+    st = GatedStats(s)
+    for x, y, stream in fit_rows:
+        a = torch.cat([with_ones(x), st._hidden(x)], dim=1)
+        yd = y.to(torch.float64)
+        g += a.T @ a
+        aty += a.T @ yd
+        tt += float(yd.pow(2).sum())
+        if stream is not None:
+            stream2 += float(stream.to(torch.float64).pow(2).sum())
+    st._screen = g[:d1, :d1], g[:d1, d1:], torch.diagonal(g)[d1:]
+    if select == "obs":
+        order = obs_order(g, aty, OBS_RIDGE * (float(torch.diagonal(g).mean()) or 1.0), d1)
+    else:
+        order = st.scores().argsort(descending=True)
+    perm = torch.cat([torch.arange(d1, device=dev), d1 + order.to(dev)])
+    g, aty = g[perm][:, perm], aty[perm]
+    av = [torch.cat([with_ones(x), st._hidden(x)], dim=1)[:, perm] for x, _ in val_rows]
+    yv = [y.to(torch.float64) for _, y in val_rows]
+    val_tt = sum(float(y.pow(2).sum()) for y in yv)
+    mean_diag = float(torch.diagonal(g).mean()) or 1.0
+    asc = sorted(set(widths))
+    best = None
+    for r in (ridges if av else (FIT_RIDGE,)):
+        lam = r * mean_diag
+        chol = torch.linalg.cholesky(g + lam * torch.eye(n, dtype=g.dtype, device=dev))
+        z = torch.linalg.solve_triangular(chol, aty, upper=False)
+        z2 = z.pow(2).sum(1).cumsum(0)
+        fit_err = {k: max(tt - float(z2[s.d + k]), 0.0) for k in asc}
+        if av:
+            val_err = {k: 0.0 for k in asc}
+            for a, y in zip(av, yv):
+                b = torch.linalg.solve_triangular(chol, a.T, upper=False).T  # A_v L^-T
+                pred, at = torch.zeros_like(y), 0
+                for k in asc:
+                    pred += b[:, at:d1 + k] @ z[at:d1 + k]
+                    at = d1 + k
+                    val_err[k] += float((y - pred).pow(2).sum())
         else:
-            lo = mid
-        if lo > 0 and hi / lo < 1 + 1e-9:
-            break
-    if need is not None:
-        return pick(hi)
-    sel = pick(lo)
-    return sel if err(sel) <= max_err2 else [0] * len(cands)
+            val_err = dict(fit_err)
+        score = sum(val_err.values())
+        if best is None or score < best[0]:
+            best = (score, lam, chol, z, val_err, fit_err)
+    _, lam, chol, z, val_err, fit_err = best
+    weight = 1.0 / stream2 if stream2 > 0 else (1.0 / tt if tt > 0 else 1.0)
+    return SiteEstimate(order, lam, chol, z, val_err, fit_err, val_tt if av else tt, weight)
 
 
-def fit_plan(engine: SiteStream, kept: list[int], fit: str, ridge: float = FIT_RIDGE
+def candidate_widths(s: GatedSite, round_to: int) -> list[int]:
+    """Kept widths worth measuring, widest first: KEEP, PARTIALs removing 5%, 10%, ... of the FLOPs, LINEAR."""
+    widths = sorted({s.kept_for(f, round_to) for f in FRACTIONS} | {0}, reverse=True)
+    return [s.h] + [k for k in widths if k < s.h and s.flops(k) < s.flops(s.h)]
+
+
+def fit_plan(engine: SiteStream, kept: list[int], fit: str, ridge: float = FIT_RIDGE, *,
+             orders: dict[int, torch.Tensor] | None = None, lams: dict[int, float] | None = None,
+             n_fit: int | None = None, prior: bool = True, sequential: bool = True
              ) -> tuple[dict[int, LCGatedMLP], dict[int, torch.Tensor], dict[int, float]]:
     """Fit the chosen widths in sequence; returns the replacement modules, each site's kept
-    channels and its relative output error (against its target) on the calibration rows."""
+    channels and its relative output error (against its target) on the held-out batches (on the fit
+    rows when none are held out). ``orders`` and
+    ``lams`` (per site: channels most worth keeping first, absolute ridge) come from the estimate;
+    without them each site ranks its channels on the rows it sees. Only the first ``n_fit`` batches
+    are fitted on (the rest are held out). ``prior``: ridge toward the dense weights (else toward 0);
+    ``sequential=False`` fits every site on the dense model's inputs (nothing is replaced during the
+    sweep)."""
     fitted, channels, errors = {}, {}, {}
     global_target = fit == "global" and engine.blocks is not None
 
@@ -377,16 +438,24 @@ def fit_plan(engine: SiteStream, kept: list[int], fit: str, ridge: float = FIT_R
         k = kept[i]
         if k >= s.h:
             return None
-        explicit = global_target and all(t is not None for _, _, t, _ in rows)
+        held = rows[n_fit:] if n_fit is not None else []
+        rows = rows[:n_fit] if n_fit is not None else rows
+        explicit = global_target and all(t is not None for _, _, t, _ in rows + held)
         st = GatedStats(s)
         for x, y, t, _ in rows:
             st.add(x, t if explicit else y)
-        ch = st.order()[:k].sort().values if k else torch.zeros(0, dtype=torch.long, device=s.wd.device)
-        m, e2, tt = st.fit(ch, ridge)
+        order = orders[i] if orders is not None and i in orders else st.order()
+        ch = order[:k].sort().values.to(s.wd.device) if k else torch.zeros(0, dtype=torch.long, device=s.wd.device)
+        m, e2, tt = st.fit(ch, ridge, None if lams is None else lams.get(i), prior)
         fitted[i], channels[i] = build_module(s, ch, m), ch
         s.release()
+        if held:  # the site's error on rows it was not fitted on
+            with torch.no_grad():
+                e2 = sum(float((fitted[i](x).double() - (t if explicit else y).double()).pow(2).sum())
+                         for x, y, t, _ in held)
+            tt = sum(float((t if explicit else y).double().pow(2).sum()) for x, y, t, _ in held)
         errors[i] = math.sqrt(e2 / tt) if tt > 0 else 0.0
-        return fitted[i]
+        return fitted[i] if sequential else None
 
     engine.sweep(visit, global_target=global_target)
     return fitted, channels, errors
@@ -421,54 +490,163 @@ def gated_site_plan(s: GatedSite, kept: int, channels: torch.Tensor | None, reas
                     "calib: fitted, in sequence" if decision != KEEP else "kept")
 
 
+def build_channels(m: LCGatedMLP, order: torch.Tensor) -> torch.Tensor:
+    """The kept channels (sorted) of a replacement built from the first ``m.kept_features`` of ``order``."""
+    return order[:m.kept_features].sort().values
+
+
+def estimate(engine: SiteStream, widths: list[list[int]], n_fit: int) -> list[SiteEstimate]:
+    """Every site's :class:`SiteEstimate` on the dense model's inputs (one streamed pass): the first
+    ``n_fit`` batches are fitted on, the rest measure."""
+    ests: list[SiteEstimate | None] = [None] * len(engine.sites)
+
+    def visit(i, rows):
+        s = engine.sites[i]
+        fit_rows = [(x, y, stream) for x, y, _, stream in rows[:n_fit]]
+        val_rows = [(x, y) for x, y, _, _ in rows[n_fit:]]
+        ests[i] = estimate_site(s, fit_rows, val_rows, widths[i][1:])
+        s.release()
+        return None
+
+    engine.sweep(visit)
+    return ests
+
+
+def options(sites: list[GatedSite], widths: list[list[int]], ests: list[SiteEstimate]) -> list[list[Option]]:
+    """Per site the allocator's candidates, widest (KEEP, error 0) first, each PARTIAL / LINEAR with its
+    weighted held-out error; LINEAR only where it measures better than the narrowest PARTIAL."""
+    out = []
+    for s, ws, e in zip(sites, widths, ests):
+        opts = [Option(s.h, s.flops(s.h), 0.0)] + [Option(k, s.flops(k), e.weight * e.val_err2[k]) for k in ws[1:]]
+        partial = [o for o in opts[1:] if 0 < o.kept]
+        if partial and opts[-1].kept == 0 and opts[-1].err > partial[-1].err:
+            opts = opts[:-1]
+        out.append(opts)
+    return out
+
+
 def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches: list[Batch], opts,
                engine: str = "auto") -> CollapsePlan:
     """The fitted plan for gated sites (see the module docs); ``plan.fitted`` holds the replacements."""
     sites = [GatedSite.of(m, p) for p, m in modules]
-    fit = opts.fit_target
-    eng = SiteStream(model, sites, batches, opts.forward_fn, engine)
+    fit_b, val_b = holdout_split(batches, forward_fn=opts.forward_fn)
+    held = bool(val_b)
+    eng = SiteStream(model, sites, fit_b + val_b, opts.forward_fn, engine)
+    n_fit = len(fit_b)
     total = sum(s.flops(s.h) for s in sites)
+    allocation = getattr(opts, "allocation", None) or "auto"
+    evals = getattr(opts, "allocation_evals", None)
+    tried: list = []
+    val = None
+    orders = lams = independent = None
     if opts.force:
         kept = [0] * len(sites)
         reasons = ["force: replaced by the fitted linear map"] * len(sites)
     else:
-        cands, _ = estimate(eng, opts.round_to)
-        need = None if opts.target is None else opts.target * total
-        max_err2 = None if need is not None else opts.max_error ** 2
-        sel = allocate(cands, need, max_err2)
+        widths = [candidate_widths(s, opts.round_to) for s in sites]
+        ests = estimate(eng, widths, n_fit)
+        orders = {i: e.order for i, e in enumerate(ests)}
+        lams = {i: e.lam for i, e in enumerate(ests)}
+        cands = options(sites, widths, ests)
+        if opts.target is not None:
+            val = HeldOut(model, sites, val_b if held else fit_b, opts.forward_fn)
+            cache: dict[tuple[int, int], LCGatedMLP] = {}
+
+            def module(i: int, k: int) -> LCGatedMLP:
+                if (i, k) not in cache:
+                    ch, m = ests[i].solve(sites[i], k)
+                    cache[(i, k)] = build_module(sites[i], ch, m)
+                    sites[i].release()
+                return cache[(i, k)]
+
+            def evaluate(sel: list[int]) -> float:
+                return val({i: module(i, cands[i][c].kept) for i, c in enumerate(sel) if c > 0})
+
+            sel, tried = choose(cands, opts.target, evaluate, allocation=allocation,
+                                evals=SEARCH_EVALS if evals is None else evals)
+            chosen = [cs[c].kept for cs, c in zip(cands, sel)]
+            independent = ({i: module(i, k) for i, k in enumerate(chosen) if k < sites[i].h},
+                           min(a.error for a in tried),
+                           {i: math.sqrt(ests[i].val_err2[k] / ests[i].val_tt) if ests[i].val_tt > 0 else 0.0
+                            for i, k in enumerate(chosen) if k < sites[i].h})
+            cache.clear()
+        else:
+            sel = lagrangian(cands, None, opts.max_error ** 2)
         kept = [cs[c].kept for cs, c in zip(cands, sel)]
+        del ests
         reasons = ["chosen by the budget" if k < s.h else "kept by the budget" for k, s in zip(kept, sites)]
+    # The chosen widths, fitted in sequence on the fit rows (each site on the inputs the replacements
+    # before it produce); with fit=None both targets are fitted and the held-out rows pick one.
+    fits = [opts.fit_target] if getattr(opts, "fit", None) in ("local", "global") or val is None else ["local",
+                                                                                                        "global"]
     notes = []
-    for attempt in range(4):
-        fitted, channels, errors = fit_plan(eng, kept, fit)
-        measured, ref = measure(model, sites, batches, opts.forward_fn, fitted, eng.reference)
-        if opts.max_error is None or opts.target is not None or measured <= opts.max_error or not fitted:
-            break
-        # The estimate ranks; the sequential fit measures. Over the bound: give back the site whose
-        # output moved most, and fit again.
-        worst = max(errors, key=errors.get)
-        kept[worst] = sites[worst].h
-        reasons[worst] = f"kept: fitted in sequence the plan measured {measured:.3e} > max_error {opts.max_error:g}"
-        notes.append(f"{sites[worst].path} kept after the sequential fit measured {measured:.3e}")
+    fit_errors: dict[str, float] = {}
+    best = None
+    inputs = "sequential"
+    for fit in fits:
+        for attempt in range(4):
+            fitted, channels, errors = fit_plan(eng, kept, fit, orders=orders, lams=lams, n_fit=n_fit, prior=False)
+            if opts.max_error is None or opts.target is not None or not fitted:
+                break
+            measured, _ = measure(model, sites, fit_b + val_b, opts.forward_fn, fitted, eng.reference)
+            if measured <= opts.max_error:
+                break
+            # The estimate ranks; the sequential fit measures. Over the bound: give back the site whose
+            # output moved most, and fit again.
+            worst = max(errors, key=errors.get)
+            kept[worst] = sites[worst].h
+            reasons[worst] = f"kept: fitted in sequence the plan measured {measured:.3e} > max_error {opts.max_error:g}"
+            notes.append(f"{sites[worst].path} kept after the sequential fit measured {measured:.3e}")
+        score = val(fitted) if val is not None and (len(fits) > 1 or independent is not None) else 0.0
+        fit_errors[fit] = score
+        if best is None or score < best[0]:
+            best = (score, fit, fitted, channels, errors)
+    if independent is not None and getattr(opts, "fit", None) != "global":
+        # the search's own fits (each site on its dense inputs, local target): kept when they measure best
+        mods, score, errs = independent
+        fit_errors["local, dense inputs"] = score
+        if score < best[0]:
+            chs = {i: build_channels(m, orders[i]) for i, m in mods.items()}
+            best = (score, "local", mods, chs, errs)
+            inputs = "dense"
+            notes.append("fits: each site fitted on the dense model's inputs (they measured best on the held-out rows)")
+    _, fit, fitted, channels, errors = best[:5]
+    measured, _ = measure(model, sites, fit_b + val_b, opts.forward_fn, fitted, eng.reference)
     plan = CollapsePlan([gated_site_plan(s, k, channels.get(i), r, errors.get(i))
                          for i, (s, k, r) in enumerate(zip(sites, kept, reasons))],
                         opts.tol, opts.objective, forced=opts.force, max_error=opts.max_error, target=opts.target,
-                        search="lagrangian", fit=True, round_to=opts.round_to)
+                        search="measured" if tried else "lagrangian", fit=True, round_to=opts.round_to)
+    plan.allocation = [a.as_dict() for a in tried]
     plan.fitted = {sites[i].path: m for i, m in fitted.items()}
     plan.measured_error = measured
     plan.calib_rows = sum(b.n_rows for b in batches)
     plan.fit_target = fit
+    plan.fit_inputs = inputs
+    if lams is not None:
+        for i, sp in enumerate(plan.sites):
+            sp.fit_ridge = lams[i] if sp.changes else None
     saved = total - plan.flops_after
+    metric = "mean KL per token of the next-token distributions" if val is not None and val.kind == "kl" else \
+        "||dy|| / ||y|| at the model output"
+    val_rows = sum(b.n_rows for b in val_b)
     plan.notes = [
-        f"est. error: ||delta|| / ||target|| at each gated site's output on {plan.calib_rows} calibration rows, the "
-        f"site fitted in sequence ({fit} target: " + ("its own dense function on its current inputs)" if fit == "local"
-                                                      else "the dense model's stream after its block)"),
-        f"measured model-output error ||dy|| / ||y|| with the planned sites replaced together: {measured:.3e}"
-        + (" (at the final hidden state)" if _Measure(model, opts.forward_fn).point is not None else ""),
-        f"calibration streamed {eng.kind}; widths allocated over {len(sites)} gated sites by a Lagrangian sweep",
+        f"est. error: ||delta|| / ||target|| at each gated site's output on its {sum(b.n_rows for b in fit_b)} fit "
+        f"rows, the site fitted " + ("on the dense model's inputs" if inputs == "dense" else "in sequence") + f" ({fit} target: " + ("its own dense function on its current inputs)"
+                                                            if fit == "local" else
+                                                            "the dense model's stream after its block)"),
+        f"measured model-output error ||dy|| / ||y|| on all {plan.calib_rows} calibration rows, the planned sites "
+        f"replaced together: {measured:.3e}" + (" (at the final hidden state)" if _Measure(model, opts.forward_fn).point
+                                               is not None else ""),
+        (f"held out of every fit: {val_rows} calibration rows (widths ranked, ridge chosen and allocations compared "
+         f"there by {metric})" if held else
+         "no calibration rows could be held out (one row or an opaque forward_fn batch): errors are in-sample"),
+        f"calibration streamed {eng.kind}; {len(sites)} gated sites",
         f"removes {saved / total if total else 0:.1%} of the gated sites' FLOPs ({saved} of {total} per token)",
         *notes,
     ]
+    if len(fit_errors) > 1:
+        plan.notes.append("fit targets on the held-out rows: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                                          fit_errors.items()) + f"; kept {fit}")
     return plan
 
 

@@ -276,3 +276,46 @@ def output_norm(reference: list[torch.Tensor]) -> float:
         raise ValueError(f"the model's output on calib has norm {math.sqrt(y2)}; a relative error needs a "
                          "finite, non-zero output")
     return math.sqrt(y2)
+
+
+# The share of calibration rows held out of every fit: the allocation's candidates and the healing
+# guard are judged there (an error measured on the rows a map was fitted on shrinks toward 0 as
+# its regressors approach the row count, and says little about new text).
+VALIDATION_FRACTION = 0.125
+
+
+def _slice_batch(b: Batch, lo: int, hi: int, n: int) -> Batch:
+    """Rows ``lo:hi`` (leading dim) of every tensor of ``b`` whose leading dim is ``n``."""
+    cut = lambda v: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v  # noqa: E731
+    return Batch(tuple(cut(a) for a in b.args), {k: cut(v) for k, v in b.kwargs.items()},
+                 cut(b.raw) if isinstance(b.raw, torch.Tensor) else b.raw, cut(b.mask) if b.mask is not None else None)
+
+
+def _leading(b: Batch) -> int | None:
+    """The leading dim shared by the batch's tensors (None when they disagree or it cannot be sliced)."""
+    ts = [t for t in (*b.args, *b.kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 1]
+    if not ts or len({int(t.shape[0]) for t in ts}) != 1 or (not b.args and not b.kwargs):
+        return None
+    return int(ts[0].shape[0])
+
+
+def holdout_split(batches: list[Batch], fraction: float = VALIDATION_FRACTION,
+                  forward_fn: ForwardFn | None = None) -> tuple[list[Batch], list[Batch]]:
+    """``(fit, validation)``: the last ``fraction`` of the calibration batches held out of every fit.
+
+    With fewer than 2 batches the one batch is cut along its leading dim (sequences or samples);
+    when nothing can be cut (one row, or a ``forward_fn`` batch of unknown structure), the
+    validation list is empty and callers measure on the fit rows (and say so).
+    """
+    if not batches:
+        return [], []
+    if len(batches) >= 2:
+        n_val = max(1, round(len(batches) * fraction))
+        n_val = min(n_val, len(batches) - 1)
+        return batches[:-n_val], batches[-n_val:]
+    b = batches[0]
+    n = None if forward_fn is not None else _leading(b)
+    if n is None or n < 2:
+        return batches, []
+    n_val = min(max(1, round(n * fraction)), n - 1)
+    return [_slice_batch(b, 0, n - n_val, n)], [_slice_batch(b, n - n_val, n, n)]

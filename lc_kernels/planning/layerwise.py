@@ -28,6 +28,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .inputs import Batch, ForwardFn, flat_output, run_model
@@ -223,6 +224,54 @@ class _Measure:
             if handle is not None:
                 handle.remove()
         return outs
+
+
+class HeldOut:
+    """The end-to-end error of the model with some sites replaced, on held-out batches: the mean KL
+    (nats per token) of the next-token distributions to the dense model's when the model has an
+    output embedding (taken through it from the final hidden state), else the relative output error
+    ``||dy|| / ||y||``. The dense reference is measured once, at construction."""
+
+    # Teacher log-probabilities are kept when they fit in this many elements (float32), else
+    # recomputed from the dense hidden states at every evaluation.
+    KEEP_LOGP = 1 << 28
+
+    def __init__(self, model: nn.Module, sites: list, batches: list[Batch], forward_fn: ForwardFn | None):
+        self.model, self.batches = model, batches
+        self.meas = _Measure(model, forward_fn)
+        self.mods = {i: s.module for i, s in enumerate(sites)}
+        self.reference = self.meas.run(batches)
+        head = self.meas.point
+        self.kind = "kl" if isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.dim() == 2 else "rel"
+        self.evaluations = 0
+        self._logp: list[torch.Tensor] | None = None
+        if self.kind == "kl":
+            with materialized(head):  # offloaded weights are loaded for the copy, then released
+                self.w = head.weight.detach().float().clone()
+                b = getattr(head, "bias", None)
+                self.b = None if b is None else b.detach().float().clone()
+            rows = sum(r.numel() // self.w.shape[1] for r in self.reference)
+            if rows * self.w.shape[0] <= self.KEEP_LOGP:
+                self._logp = [self._log_probs(r) for r in self.reference]
+
+    def _log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(F.linear(h.view(-1, self.w.shape[1]).float(), self.w, self.b), dim=-1)
+
+    def __call__(self, replace: dict[int, nn.Module]) -> float:
+        current: list[Batch] = []
+        before = lambda k, b: current.__setitem__(slice(None), [b])  # noqa: E731
+        with site_hooks(self.mods, lambda: current[0], replace=dict(replace)):
+            outs = self.meas.run(self.batches, before)
+        self.evaluations += 1
+        if self.kind == "rel":
+            return relative_error(outs, self.reference)
+        kl, n = 0.0, 0
+        for k, (o, r) in enumerate(zip(outs, self.reference)):
+            p_t = self._logp[k] if self._logp is not None else self._log_probs(r)
+            log_s = self._log_probs(o)
+            kl += float((p_t.exp() * (p_t - log_s)).sum())
+            n += p_t.shape[0]
+        return kl / max(n, 1)
 
 
 def relative_error(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -502,5 +551,5 @@ def _capture_inputs(modules: list[nn.Module], into: dict[int, list]) -> Iterator
         yield
 
 
-__all__ = ["SiteStream", "Passes", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
+__all__ = ["SiteStream", "HeldOut", "Passes", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
            "execution_device", "materialized"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocate import ALLOCATIONS
 from .plan import OBJECTIVES
 
 SEARCHES = ("auto", "exhaustive", "greedy")
@@ -46,6 +47,8 @@ class PlanOptions:
     round_to: int = 8
     tokens: int | None = None  # objective="latency": rows each site sees per call
     select: str = "activation"  # how PARTIAL channels are ranked: see SELECTS
+    allocation: str | None = None  # how widths are spread over gated sites: see allocate.ALLOCATIONS
+    allocation_evals: int | None = None  # search moves measured after the named proposals
 
     @property
     def fitted(self) -> bool:
@@ -70,7 +73,8 @@ class PlanOptions:
            target: float | None = None, force: bool = False, objective: str = "flops",
            search: str = "auto", fit: bool | str | None = None, forward_fn: object = None,
            round_to: int = 8, example: object = None, tokens: int | None = None,
-           select: str = "activation") -> "PlanOptions":
+           select: str = "activation", allocation: str | None = None,
+           allocation_evals: int | None = None) -> "PlanOptions":
         """Check every option once; errors name the option, what arrived and what is expected."""
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0 (max |1 - alpha| to collapse), got {tol!r}")
@@ -111,7 +115,15 @@ class PlanOptions:
         if select not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS} (how the channels a PARTIAL site folds are ranked), "
                              f"got {select!r}")
-        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to, tokens, select)
+        if allocation is not None and allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be None (compare uniform, depth and lagrangian assignments on held-out "
+                             f"calibration rows, then search) or one of {ALLOCATIONS}, got {allocation!r}")
+        if allocation_evals is not None and (not isinstance(allocation_evals, int) or isinstance(allocation_evals, bool)
+                                             or allocation_evals < 0):
+            raise ValueError(f"allocation_evals must be an int >= 0 (search moves measured on held-out rows), got "
+                             f"{allocation_evals!r}")
+        opts = cls(tol, calib, max_error, target, force, objective, search, fit, forward_fn, round_to, tokens, select,
+                   allocation, allocation_evals)
         if opts.budget and calib is None:
             raise ValueError("max_error and target are measured on calibration data: pass calib= (a batch of "
                              "typical inputs, an (input, target) tuple or a DataLoader)")

@@ -102,6 +102,7 @@ class SitePlan:
     flops_after: int
     est_error: float | None = None
     error_source: str = "|1-alpha| proxy"
+    fit_ridge: float | None = None  # gated sites: the absolute ridge of the site's fit (chosen on held-out rows)
 
     @property
     def decision(self) -> str:
@@ -154,6 +155,14 @@ class CollapsePlan:
     # Fitted replacement modules by site path (gated sites): collapse_ installs them without calib.
     # Not part of the JSON; they travel with save_collapsed / save_pretrained.
     fitted: dict = field(default_factory=dict, repr=False, compare=False)
+    # The width assignments compared on held-out calibration rows (gated sites with a target): each
+    # {"name", "kept" (per site), "flops_removed", "error" (mean KL per token, or ||dy|| / ||y||)}, in
+    # the order measured; the plan holds the one with the least error.
+    allocation: list = field(default_factory=list)
+    # Gated sites: "dense" (each site fitted on the dense model's inputs) or "sequential" (on the
+    # inputs the replacements before it produce), on the fit rows only (the held-out 1/8 excluded);
+    # None for plans that fitted on every row, channels ranked on the rows each site saw.
+    fit_inputs: str | None = None
 
     def __iter__(self) -> Iterator[SitePlan]:
         return iter(self.sites)
@@ -258,6 +267,10 @@ class CollapsePlan:
             _choice("plan.fit_target", self.fit_target, FIT_TARGETS)
         for i, n in enumerate(_list("plan.notes", self.notes)):
             _str(f"plan.notes[{i}]", n)
+        for i, a in enumerate(_list("plan.allocation", self.allocation)):
+            if not isinstance(a, dict) or set(a) != {"name", "kept", "flops_removed", "error"}:
+                raise ValueError(f"plan.allocation[{i}] must be a dict with name, kept, flops_removed and error, got "
+                                 f"{a!r}")
         if not isinstance(self.fitted, dict):
             raise TypeError(f"plan.fitted must be a dict of site path -> fitted module, got "
                             f"{type(self.fitted).__name__}")
@@ -302,7 +315,25 @@ class CollapsePlan:
                  + (f", search={self.search}" if self.search is not None else "")
                  + (", fit=least-squares" if self.fit else "") + ")",
                  fmt(head), sep, *map(fmt, rows[:-1]), sep, fmt(rows[-1]), *self.notes]
+        if self.allocation:
+            best = min(self.allocation, key=lambda a: a["error"])
+            lines.append("allocations measured on held-out calibration rows (error, FLOPs removed, kept widths):")
+            for a in self.allocation:
+                lines.append(f"  {'*' if a is best else ' '} {a['name']:<12} {a['error']:.4g}  "
+                             f"{a['flops_removed']:.1%}  {_widths(a['kept'])}")
         return "\n".join(lines)
+
+
+def _widths(kept: list[int]) -> str:
+    """Kept widths per site, runs compressed: ``1536 x3, 576 x2, 0``."""
+    out, k = [], 0
+    while k < len(kept):
+        j = k
+        while j + 1 < len(kept) and kept[j + 1] == kept[k]:
+            j += 1
+        out.append(f"{kept[k]} x{j - k + 1}" if j > k else str(kept[k]))
+        k = j + 1
+    return ", ".join(out)
 
 
 def _keys(at: str, d: object, kind: type, extra: tuple[str, ...] = ()) -> None:

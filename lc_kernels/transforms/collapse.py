@@ -19,7 +19,7 @@ from ..planning.cost import partial_conflict
 from ..planning.fitting import fit_stream, site_decisions
 from ..planning.gated import GatedSite, SiteStream, fit_plan
 from ..planning.layerwise import is_offloaded, materialized
-from ..planning.inputs import calib_batches
+from ..planning.inputs import calib_batches, holdout_split
 from ..planning.sites import site_of
 from .atomic import atomic
 
@@ -224,8 +224,22 @@ def refit_gated(model: nn.Module, plan: CollapsePlan, calib: object, forward_fn:
             else 0 if sp.joints[0].decision == LINEAR else s.h for s, sp in zip(sites, plan.sites)]
     batches = calib_batches(model, calib, forward_fn=forward_fn)
     with eval_no_grad(model):
-        fitted, _, _ = fit_plan(SiteStream(model, sites, batches, forward_fn), kept, plan.fit_target or "local")
+        if plan.fit_inputs is None:  # a plan that fitted on every row, channels ranked where each site fits
+            fitted, _, _ = fit_plan(SiteStream(model, sites, batches, forward_fn), kept, plan.fit_target or "local")
+        else:  # the planner's split, channels, ridges and inputs: the same fits again on the same calib
+            fit_b, val_b = holdout_split(batches, forward_fn=forward_fn)
+            orders = {i: _kept_channels(s, sp) for i, (s, sp) in enumerate(zip(sites, plan.sites))}
+            lams = {i: sp.fit_ridge for i, sp in enumerate(plan.sites) if sp.fit_ridge is not None}
+            fitted, _, _ = fit_plan(SiteStream(model, sites, fit_b + val_b, forward_fn), kept,
+                                    plan.fit_target or "local", orders=orders, lams=lams, n_fit=len(fit_b),
+                                    prior=False, sequential=plan.fit_inputs != "dense")
     return {sites[i].path: mod for i, mod in fitted.items()}
+
+
+def _kept_channels(site: GatedSite, sp: SitePlan) -> torch.Tensor:
+    """The channels a gated site's plan keeps (sorted): all but those it folds."""
+    folded = set(sp.joints[0].linear_channels or []) if sp.joints[0].decision == PARTIAL else set(range(site.h))
+    return torch.tensor([c for c in range(site.h) if c not in folded], dtype=torch.long)
 
 
 def _check_joints(m: nn.Module, sp: SitePlan) -> None:
