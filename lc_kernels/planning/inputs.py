@@ -287,8 +287,15 @@ VALIDATION_FRACTION = 0.125
 def _slice_batch(b: Batch, lo: int, hi: int, n: int) -> Batch:
     """Rows ``lo:hi`` (leading dim) of every tensor of ``b`` whose leading dim is ``n``."""
     cut = lambda v: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v  # noqa: E731
-    return Batch(tuple(cut(a) for a in b.args), {k: cut(v) for k, v in b.kwargs.items()},
-                 cut(b.raw) if isinstance(b.raw, torch.Tensor) else b.raw, cut(b.mask) if b.mask is not None else None)
+    raw = b.raw
+    if isinstance(raw, dict):
+        raw = {k: cut(v) for k, v in raw.items()}
+    elif isinstance(raw, (tuple, list)):
+        raw = type(raw)(cut(v) for v in raw)
+    else:
+        raw = cut(raw)
+    return Batch(tuple(cut(a) for a in b.args), {k: cut(v) for k, v in b.kwargs.items()}, raw,
+                 cut(b.mask) if b.mask is not None else None)
 
 
 def _leading(b: Batch) -> int | None:
