@@ -95,7 +95,8 @@ TABLES: dict[str, Table] = {
     "fitted_encoder": Table(
         "experiments/fitted_encoder",
         _c(("method", "method"), ("FFN FLOPs removed", "ffn_flops_removed", "pct1"),
-           ("held-out cosine", "heldout_cosine", "f3")),
+           ("held-out cosine", "heldout_cosine", "f3"), ("kept widths", "kept_widths"), ("fit kept", "fit_chosen"),
+           ("seconds", "seconds", "f1")),
         keep=lambda r: not re.match(r"lstsq FFN \d", str(r.get("method")))),
     "nonlinear_task": Table(
         "experiments/nonlinear_task",
@@ -105,7 +106,22 @@ TABLES: dict[str, Table] = {
     "llm_ffn": Table(
         "experiments/llm_ffn",
         _c(("method", "method"), ("FFN FLOPs removed", "FFN FLOPs removed", "pct1"),
-           ("held-out perplexity", "perplexity", "f1"), ("× dense", "x dense", "x3"))),
+           ("held-out perplexity", "perplexity", "f1"), ("× dense", "x dense", "x3"),
+           ("repeated 4-grams", "repeated 4-grams", "pct1"), ("allocation kept", "allocation"),
+           ("fit kept", "fit"), ("seconds", "seconds", "f1"))),
+    "llm_ffn_heal": Table(
+        "experiments/llm_ffn-heal",
+        _c(("method", "method"), ("FFN FLOPs removed", "FFN FLOPs removed", "pct1"),
+           ("held-out perplexity", "perplexity", "f1"), ("× dense", "x dense", "x3"),
+           ("repeated 4-grams", "repeated 4-grams", "pct1"), ("held-out KL before / best", "held-out KL before / best"),
+           ("best step", "best step"), ("healing s", "heal s", "f1"))),
+    "llm_decode_profile": Table(
+        "experiments/llm_decode_profile",
+        _c(("case", "case"), ("dense tok/s", "dense tok/s", "f1"), ("compressed tok/s", "compressed tok/s", "f1"),
+           ("speedup", "speedup", "x2"), ("spread", "spread"), ("FLOP prediction", "FLOP prediction", "x2"),
+           ("Amdahl (FFN GEMMs only shrink)", "Amdahl (FFN GEMM share shrinks only)", "x2"),
+           ("dense FFN GEMM share", "dense FFN GEMM share", "pct1"), ("dense GEMM share", "dense GEMM share", "pct1"),
+           ("dense Python share", "dense Python share", "pct1"))),
     "llm_decode": Table(
         "experiments/llm_decode",
         _c(("case", "case"), ("dense tok/s", "dense tok/s", "f1"), ("compressed tok/s", "compressed tok/s", "f1"),

@@ -26,7 +26,8 @@ from ..planning import OBJECTIVES, CollapsePlan, find_sites, plan_collapse
 from ..planning.inputs import calib_batches
 from ..planning.options import SEARCHES, SELECTS
 from ..planning.plan import FIT_TARGETS
-from ..transforms import load_collapsed, read_checkpoint, rebuild_
+from ..transforms import load_collapsed, load_pretrained, read_checkpoint, rebuild_
+from ..transforms.pretrained import CONFIG
 from ._args import fraction, nonneg_float, positive_int
 
 CALIB_HELP = """\
@@ -88,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
 
 def pretrained_entry(path: str) -> dict | None:
     """The ``"lc_kernels"`` entry of a ``save_pretrained`` directory's ``config.json`` (else None)."""
-    from ..transforms.pretrained import CONFIG
 
     cfg_path = os.path.join(path, CONFIG)
     if not (os.path.isdir(path) and os.path.isfile(cfg_path)):
@@ -113,7 +113,6 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"{path} is a save_pretrained directory (a language model, calibrated on token ids): "
                              "--calib, --max-error and --target read float model inputs; plan it in Python with "
                              "lc.plan_collapse(lc.load_pretrained(path), calib=..., target=...)")
-        from ..transforms import load_pretrained
 
         model = load_pretrained(path)
         sites = entry.get("sites", {})

@@ -8,19 +8,26 @@ bilinear), so every form other than KEEP is fitted to calibration data:
   ``[h_K, x, 1]`` (``h_c = act(g_c) u_c``);
 * LINEAR replaces the block by the fitted affine map (``K`` empty).
 
-Every candidate's fit and error on the data come from one Gram matrix of ``[h, x, 1]`` per site
-(float64, ``(h + d + 1)^2``): a candidate is a solve on a sub-block, no extra pass. The channels to
-keep are those whose product a linear map of the input explains least, weighted by ``||W_d[:, c]||``.
+The calibration batches are split (:func:`~lc_kernels.planning.inputs.holdout_split`): the last 1/8
+is held out of every fit, and every choice below is made by what it measures there, never by an
+error on the rows a map was fitted on (with ``h + d + 1`` regressors per site, an in-sample residual
+shrinks toward 0 and says little about new text). Planning (:func:`plan_partial`, shared by gated
+sites and the classic sites of :mod:`~lc_kernels.planning.partial`) runs streamed passes
+(:mod:`~lc_kernels.planning.layerwise`):
 
-Planning runs in two streamed passes (:mod:`~lc_kernels.planning.layerwise`):
-
-1. estimate, on the dense model: each site's error for every candidate width, on its dense inputs;
-   widths are allocated across sites to remove ``target`` of the sites' FLOPs (or keep the summed
-   error under ``max_error``) with the least summed error, each site's error counted relative to the
-   residual stream it is added to;
-2. fit, in sequence: each site is fitted on the inputs the already-replaced sites before it produce,
-   to the dense model's stream after its block (``fit="global"``, the default: it also absorbs what
-   the sites before it changed) or to its own dense function there (``fit="local"``).
+1. estimate, on the dense model (:func:`estimate_site`): per site, the Gram matrix of
+   ``[x, 1, h]`` over every fit row (float64), the channels ordered by backward elimination with
+   compensation (:func:`obs_order`), the ridge picked from a grid and every candidate width's error
+   measured on the held-out rows, all from one Cholesky factor per ridge;
+2. allocation (:mod:`~lc_kernels.planning.allocate`), with ``target``: whole assignments (one width
+   everywhere, a depth schedule, the least summed held-out site error, then search moves) are
+   compared by the model's end-to-end error on the held-out rows with the estimate's fits in place
+   (:class:`~lc_kernels.planning.layerwise.HeldOut`: next-token KL for a causal LM); the best is
+   kept and every one measured is listed in ``plan.allocation``;
+3. fit: the chosen widths fitted in sequence on the fit rows, each site on the inputs the
+   replacements before it produce, to its own dense function there (``fit="local"``) or to the dense
+   model's stream after its block (``fit="global"``); with ``fit=None`` both, and the estimate's own
+   fits (each site on its dense inputs), are measured on the held-out rows and the best is kept.
 
 The fitted modules travel with the plan (``plan.fitted``): :func:`~lc_kernels.collapse_` installs
 them without calibration data. The plan's measured error is the model's output error with exactly

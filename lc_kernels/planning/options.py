@@ -57,11 +57,10 @@ class PlanOptions:
 
     @property
     def fit_target(self) -> str:
-        """What a fitted replacement reproduces: ``"global"`` (the dense model's stream after the site,
-        the default: on SmolLM2 at half the FFN FLOPs it measured final-hidden-state error 0.21
-        against 0.30 and held-out perplexity 118.2 against 119.5, llm_ffn.md; on all-MiniLM-L6-v2
-        at half the FFN FLOPs held-out cosine 0.935 against 0.930, fitted_encoder.md) or
-        ``"local"`` (its site's own dense function on the inputs it now sees)."""
+        """What a fitted replacement reproduces: ``"global"`` (the dense model's stream after the site)
+        or ``"local"`` (its site's own dense function on the inputs it now sees). Sites planned by
+        :func:`~lc_kernels.planning.gated.plan_partial` with ``fit=None`` measure both on held-out
+        calibration rows and keep the better; the older classic path defaults to global."""
         return "local" if self.fit == "local" else "global"
 
     @property
