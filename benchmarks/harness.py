@@ -302,9 +302,8 @@ def _f(v: float | None, spec: str, suffix: str = "") -> str:
 # environment and timing
 
 
-def _provenance() -> dict:
-    """``benchmarks/experiments/_report.py``'s provenance (commit, CPU model, versions): one writer of
-    that record for every results file. Loaded by path: this module is itself loaded by path."""
+def _report_module():
+    """``benchmarks/experiments/_report.py``, loaded by path (this module is itself loaded by path)."""
     import importlib.util
     from pathlib import Path
 
@@ -315,7 +314,13 @@ def _provenance() -> dict:
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
-    return mod.provenance()
+    return mod
+
+
+def _provenance() -> dict:
+    """``_report.py``'s provenance (commit, CPU model, versions): one writer of that record for every
+    results file."""
+    return _report_module().provenance()
 
 
 def collect_env(device: torch.device) -> Env:
@@ -332,14 +337,7 @@ def collect_env(device: torch.device) -> Env:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _report_module().cpu_model()
 
 
 def _load_avg() -> list[float] | None:
