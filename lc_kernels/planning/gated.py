@@ -356,24 +356,31 @@ def obs_order(g: torch.Tensor, aty: torch.Tensor, lam: float, d1: int) -> torch.
     of ``x`` (the skip) never leave, so a channel the skip already explains goes early."""
     n = g.shape[0]
     hinv = torch.linalg.inv(g + lam * torch.eye(n, dtype=g.dtype, device=g.device))
-    hinv = (hinv + hinv.T) / 2
-    m = hinv @ aty
-    alive = torch.ones(n, dtype=torch.bool, device=g.device)
-    alive[:d1] = False  # candidates: the channels only
-    h = n - d1
-    step = max(1, math.ceil(h / OBS_STEPS))
+    # Only the channels' rows and columns of H^-1 and M enter the costs and their updates: work on
+    # that block, shrunk as channels leave (a full (d + 1 + h)^2 rank update per step was 6.4 of
+    # the 9.3 s per SmolLM2 site on one thread; shrinking blocks cost a third of the FLOPs).
+    hc = hinv[d1:, d1:]
+    hc = (hc + hc.T) / 2
+    mc = hinv[d1:] @ aty
+    del hinv
+    ids = torch.arange(n - d1, device=g.device)
+    step = max(1, math.ceil((n - d1) / OBS_STEPS))
     removed: list[torch.Tensor] = []
-    while bool(alive.any()):
-        idx = alive.nonzero().squeeze(1)
-        cost = m[idx].pow(2).sum(1) / torch.diagonal(hinv)[idx].clamp_min(1e-300)
-        r = idx[cost.argsort()[:step]]
-        hr = hinv[:, r]
-        sol = torch.linalg.solve(hinv[r][:, r], torch.cat([m[r], hr.T], dim=1))
-        m = m - hr @ sol[:, :m.shape[1]]
-        hinv = hinv - hr @ sol[:, m.shape[1]:]
-        alive[r] = False
-        removed.append(r)
-    return (torch.cat(removed[::-1]) - d1) if removed else torch.zeros(0, dtype=torch.long, device=g.device)
+    while ids.numel():
+        cost = mc.pow(2).sum(1) / torch.diagonal(hc).clamp_min(1e-300)
+        sel = cost.argsort()[:step]
+        removed.append(ids[sel].flip(0))  # within a step, the costliest to remove first
+        keep = torch.ones(ids.numel(), dtype=torch.bool, device=g.device)
+        keep[sel] = False
+        if not bool(keep.any()):
+            break
+        kr = hc[keep][:, sel]
+        hss = hc[sel][:, sel]
+        sol = torch.linalg.solve(hss, torch.cat([mc[sel], kr.T], dim=1))
+        mc = torch.addmm(mc[keep], kr, sol[:, :mc.shape[1]], alpha=-1)
+        hc = torch.addmm(hc[keep][:, keep], kr, sol[:, mc.shape[1]:], alpha=-1)
+        ids = ids[keep]
+    return torch.cat(removed[::-1]) if removed else torch.zeros(0, dtype=torch.long, device=g.device)
 
 
 def estimate_site(s: GatedSite, fit_rows: list, val_rows: list, widths: list[int],
