@@ -56,13 +56,26 @@ def test_choose_keeps_the_least_measured_and_search_improves_it():
     assert names[:3] == ["uniform", "depth", "lagrangian"]
     best = min(tried, key=lambda a: a.error)
     assert [opts[i][c].kept for i, c in enumerate(sel)] == best.kept
-    assert best.error <= min(a.error for a in tried[:3])
-    assert any(a.name.startswith("search") and a.error < min(b.error for b in tried[:3]) for a in tried)
+    named = [a for a in tried if not a.name.startswith("search")]
+    assert best.error <= min(a.error for a in named)
+    assert any(a.name.startswith("search") and a.error < min(b.error for b in named) for a in tried)
     assert all(a.flops_removed >= need_t - 1e-9 for a in tried)
     sel_u, tried_u = choose(opts, need_t, evaluate, allocation="uniform")
     assert [a.name for a in tried_u] == ["uniform"]
     with pytest.raises(ValueError, match="allocation must be one of"):
         choose(opts, need_t, evaluate, allocation="greedy")
+
+
+def test_in_sample_and_blended_proposals_are_measured_too():
+    opts = sites_of(5)
+    for o in opts:  # in sample, the first site looks free to cut: the in-sample lagrangian differs
+        for c in o:
+            c.fit_err = 0.0 if o is opts[0] else 10 * c.err
+    sel, tried = choose(opts, 0.5, lambda sel: float(sum(sel)), evals=0)
+    names = [a.name for a in tried]
+    assert "lagrangian in-sample" in names and ("blend" in names or "blend in-sample" in names)
+    ins = lagrangian(opts, 0.5 * sum(o[0].flops for o in opts), in_sample=True)
+    assert ins != lagrangian(opts, 0.5 * sum(o[0].flops for o in opts))
 
 
 def _overfit_site(rows: int, val_rows: int, seed: int = 0):

@@ -10,6 +10,13 @@ keeps the one that measures best:
 * ``lagrangian``: the least summed per-site out-of-sample error removing the target (a sweep over
   the price of a FLOP). Summed errors do not predict the model's loss (errors do not add, and
   upstream changes shift what later sites see), which is why every proposal is measured;
+* ``lagrangian in-sample``: the same on the errors of the rows each site was fitted on. In-sample
+  errors shrink most where a site has most regressors, which spreads the cut more evenly over
+  the sites it does cut; on SmolLM2 at 25% of the FFN FLOPs this proposal measured 0.222 mean KL
+  on the held-out rows against 0.266 for the held-out lagrangian and 0.296 for uniform widths
+  (a proposal is never trusted for its errors: it is measured like the rest);
+* ``blend`` / ``blend in-sample``: per site halfway between that lagrangian's width and the uniform
+  width (a smoother allocation);
 * ``search``: from the best of those, moves of one width step from one site to another (one site
   narrower, one wider, the budget kept), each measured and kept when it improves (EvoPress-style
   search on the end-to-end error), for a given number of evaluations.
@@ -26,7 +33,7 @@ from typing import Callable
 # Evaluations the search spends after the named proposals (each is one pass of the validation rows
 # through the model with the assignment's fits in place).
 SEARCH_EVALS = 12
-ALLOCATIONS = ("auto", "uniform", "depth", "lagrangian")
+ALLOCATIONS = ("auto", "uniform", "depth", "lagrangian", "lagrangian in-sample", "blend", "blend in-sample")
 
 
 @dataclass
@@ -36,6 +43,7 @@ class Option:
     kept: int
     flops: int
     err: float  # weighted squared error on held-out rows (ranks widths within and across sites)
+    fit_err: float | None = None  # the same on the rows the site was fitted on (in sample)
 
 
 @dataclass
@@ -100,14 +108,18 @@ def depth(opts: list[list[Option]], target: float, need: float) -> list[int]:
     return at_fractions(opts, fr, need)
 
 
-def lagrangian(opts: list[list[Option]], need: float | None, max_err: float | None = None) -> list[int]:
+def lagrangian(opts: list[list[Option]], need: float | None, max_err: float | None = None,
+               in_sample: bool = False) -> list[int]:
     """The least summed error removing at least ``need`` FLOPs (or the most FLOPs with summed error
-    within ``max_err``): each site picks ``argmin err - price * saving`` at a price found by bisection."""
+    within ``max_err``): each site picks ``argmin err - price * saving`` at a price found by bisection.
+    ``in_sample``: the errors on the fit rows instead (a proposal to measure, never a verdict)."""
+    e = (lambda o: o.fit_err if o.fit_err is not None else o.err) if in_sample else (lambda o: o.err)  # noqa: E731
+
     def pick(price: float) -> list[int]:
-        return [min(range(len(o)), key=lambda c: o[c].err - price * (o[0].flops - o[c].flops)) for o in opts]
+        return [min(range(len(o)), key=lambda c: e(o[c]) - price * (o[0].flops - o[c].flops)) for o in opts]
 
     def err(sel):
-        return sum(o[c].err for o, c in zip(opts, sel))
+        return sum(e(o[c]) for o, c in zip(opts, sel))
 
     ok = (lambda sel: _saving(opts, sel) >= need) if need is not None else (lambda sel: err(sel) > max_err)
     lo, hi = 0.0, 1.0
@@ -127,6 +139,16 @@ def lagrangian(opts: list[list[Option]], need: float | None, max_err: float | No
     return sel if err(sel) <= max_err else [0] * len(opts)
 
 
+def blend(opts: list[list[Option]], a: list[int], b: list[int], need: float, t: float = 0.5) -> list[int]:
+    """Per site the width nearest ``(1 - t) * kept_a + t * kept_b``, narrowed until ``need`` is saved:
+    a smoother allocation between a per-site optimum and one width everywhere."""
+    sel = []
+    for o, ca, cb in zip(opts, a, b):
+        k = (1 - t) * o[ca].kept + t * o[cb].kept
+        sel.append(min(range(len(o)), key=lambda c: abs(o[c].kept - k)))
+    return _repair(opts, sel, need)
+
+
 def choose(opts: list[list[Option]], target: float, evaluate: Callable[[list[int]], float], *,
            allocation: str = "auto", evals: int = SEARCH_EVALS, seed: int = 0,
            progress: Callable[[str], None] | None = None) -> tuple[list[int], list[Assignment]]:
@@ -139,7 +161,10 @@ def choose(opts: list[list[Option]], target: float, evaluate: Callable[[list[int
     total = sum(o[0].flops for o in opts)
     need = target * total
     named = {"uniform": lambda: uniform(opts, target, need), "depth": lambda: depth(opts, target, need),
-             "lagrangian": lambda: lagrangian(opts, need)}
+             "lagrangian": lambda: lagrangian(opts, need),
+             "lagrangian in-sample": lambda: lagrangian(opts, need, in_sample=True)}
+    named["blend"] = lambda: blend(opts, named["lagrangian"](), named["uniform"](), need)
+    named["blend in-sample"] = lambda: blend(opts, named["lagrangian in-sample"](), named["uniform"](), need)
     names = list(named) if allocation == "auto" else [allocation]
     seen: dict[tuple, float] = {}
     tried: list[Assignment] = []

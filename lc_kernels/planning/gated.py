@@ -547,7 +547,8 @@ def options(sites: list[GatedSite], widths: list[list[int]], ests: list[SiteEsti
     weighted held-out error; LINEAR only where it measures better than the narrowest PARTIAL."""
     out = []
     for s, ws, e in zip(sites, widths, ests):
-        opts = [Option(s.h, s.flops(s.h), 0.0)] + [Option(k, s.flops(k), e.weight * e.val_err2[k]) for k in ws[1:]]
+        opts = [Option(s.h, s.flops(s.h), 0.0, 0.0)] + [
+            Option(k, s.flops(k), e.weight * e.val_err2[k], e.weight * e.fit_err2[k]) for k in ws[1:]]
         partial = [o for o in opts[1:] if 0 < o.kept]
         if partial and opts[-1].kept == 0 and opts[-1].err > partial[-1].err:
             opts = opts[:-1]

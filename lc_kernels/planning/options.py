@@ -115,8 +115,8 @@ class PlanOptions:
             raise ValueError(f"select must be one of {SELECTS} (how the channels a PARTIAL site folds are ranked), "
                              f"got {select!r}")
         if allocation is not None and allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be None (compare uniform, depth and lagrangian assignments on held-out "
-                             f"calibration rows, then search) or one of {ALLOCATIONS}, got {allocation!r}")
+            raise ValueError(f"allocation must be None (compare the named assignments on held-out calibration rows, "
+                             f"then search) or one of {ALLOCATIONS}, got {allocation!r}")
         if allocation_evals is not None and (not isinstance(allocation_evals, int) or isinstance(allocation_evals, bool)
                                              or allocation_evals < 0):
             raise ValueError(f"allocation_evals must be an int >= 0 (search moves measured on held-out rows), got "
