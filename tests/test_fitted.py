@@ -245,7 +245,10 @@ def test_partial_in_every_integration(name):
     assert torch.isfinite(y1).all()
     measured = rel_err(y1, y0)
     assert 0 < measured < 0.05
-    assert abs(measured - plan.measured_error) <= 1e-6 * plan.measured_error
+    # collapse_ with calib fits the plan's decisions again: the same normal equations solved by another
+    # route (a prefix of one Cholesky factor in the plan, a direct solve here) differ by float rounding
+    # (2e-6 of the error measured on the ViT), far below any change of decision.
+    assert abs(measured - plan.measured_error) <= 1e-5 * plan.measured_error
 
 
 def _measured_output(out, calib) -> torch.Tensor:
