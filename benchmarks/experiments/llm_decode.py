@@ -23,7 +23,33 @@ from lc_kernels.planning.cost import linear_flops
 
 import _encoder as E
 from _report import environment, parse_args, write_results
-from llm_ffn import load_model, timed_speed, token_batches
+from lc_kernels.timing import Ratio, time_interleaved
+from llm_ffn import SEQ, load_model, token_batches
+
+
+def timed_speed(dense, comp, rounds: int, decode_tokens: int) -> list[dict]:
+    """Prefill (8 x 128) and decode (batch 1 and 8, KV cache) tokens/s, dense vs compressed, interleaved."""
+    torch.manual_seed(0)
+    prefill = torch.randint(0, 49152, (8, SEQ))
+    rows = []
+
+    def gen(m, batch):
+        ids = prefill[:batch, :16]
+        return lambda: m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_tokens,
+                                  min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
+
+    cases = [("prefill 8x128", 8 * SEQ, lambda m: (lambda: m(input_ids=prefill))),
+             ("decode batch 1", decode_tokens, lambda m: gen(m, 1)),
+             ("decode batch 8", 8 * decode_tokens, lambda m: gen(m, 8))]
+    with torch.inference_mode():
+        for name, tokens, make in cases:
+            t = time_interleaved({"dense": make(dense), "compressed": make(comp)}, torch.device("cpu"), rounds=rounds,
+                                 warmup=1, min_time=0.2)
+            r = Ratio.of(t["dense"], t["compressed"])
+            rows.append({"case": name, "dense tok/s": tokens / t["dense"].median,
+                         "compressed tok/s": tokens / t["compressed"].median, "speedup": r.value,
+                         "spread": f"{r.low:.2f}-{r.high:.2f}", "measurable": r.measurable})
+    return rows
 
 
 def main() -> None:
