@@ -104,6 +104,11 @@ class CompressReport:
                          f"held-out {self.heal_signal} before {self.heldout_before:.4g}, best {self.heldout_best:.4g} "
                          f"(step {self.best_step}), after {self.heldout_after:.4g}"
                          + (f" ({self.heal_note})" if self.heal_note else ""))
+        if self.plan.allocation:
+            best = min(self.plan.allocation, key=lambda a: a["error"])
+            lines.append(f"widths: {best['name']} (held-out error {best['error']:.4g}), the best of "
+                         f"{len(self.plan.allocation)} assignments measured on held-out calibration rows "
+                         f"(print(report.plan) lists them); fits: {self.plan.fit_target}, {self.plan.fit_inputs} inputs")
         if self.prepared:
             lines.append(f"prepared {len(self.prepared)} sites: {', '.join(self.prepared[:6])}"
                          + (" ..." if len(self.prepared) > 6 else ""))
