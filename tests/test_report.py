@@ -1,6 +1,7 @@
 """``benchmarks/report.py``: the README's results tables are what the committed results files render."""
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,10 @@ def test_readme_matches_the_committed_results(report, capsys):
     assert "0 problem(s)" in capsys.readouterr().out
     text = report.README.read_text()
     assert len(report.MARKER.findall(text)) >= 8
-    assert "<sub>Source: `benchmarks/results/experiments/llm_ffn.json` · 2026-12-03 · commit not recorded" in text
+    # every rendered table is followed by its source line, which names the results file and its date
+    for m in report.MARKER.finditer(text):
+        assert "<sub>Source: `benchmarks/results/" in m.group(0), m["name"]
+    assert re.search(r"<sub>Source: `benchmarks/results/experiments/llm_ffn\.json` · \d{4}-\d\d-\d\d · commit ", text)
 
 
 def test_a_number_edited_by_hand_fails_the_check(report, tmp_path, capsys):
