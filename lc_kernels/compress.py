@@ -136,17 +136,6 @@ class CompressReport:
         plt.close(fig)
 
 
-def _progress(total: int, on: bool, desc: str):
-    if on:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=desc, leave=False)
-        except ImportError:
-            pass
-    return None
-
-
 @dataclass
 class _HealData:
     """What healing needs from the dense model, gathered before anything changes: the training and
@@ -201,7 +190,7 @@ def _heal(model: nn.Module, data: _HealData, sites: list[str], *, steps: int, lr
             return _user_loss(m, val, heal_loss)
     else:
         def loss(m: nn.Module, k: int) -> torch.Tensor:
-            return _distillation_loss(m, train[k], k, data.train_teacher[k], head, forward_fn, temperature)
+            return healing.distillation_loss(m, train[k], k, data.train_teacher[k], head, forward_fn, temperature)
 
         def evaluate(m: nn.Module) -> float:
             return _mean_kl(m, val, data.val_teacher, head, forward_fn)
@@ -327,7 +316,7 @@ def _compress_fitted(model: nn.Module, calib: object, *, target, max_error, heal
                          objective=objective, fit=fit, example=example, tokens=tokens, select=select,
                          allocation=allocation, allocation_evals=allocation_evals)
     changing = [sp for sp in plan.sites if sp.changes]
-    bar = _progress(len(changing) + (1 if heal_steps else 0), progress, "compress")
+    bar = healing.progress_bar(len(changing) + (1 if heal_steps else 0), progress, "compress")
     collapse_(model, plan)  # the plan's own fits: nothing is fitted a second time
     with eval_no_grad(model):
         err = _error_now(model, batches, forward_fn, reference)
@@ -373,7 +362,7 @@ def _mean_kl(model: nn.Module, batches: list[Batch], teachers: list[torch.Tensor
                 num += float((y - t.to(y.dtype)).pow(2).sum())
                 den += float(t.pow(2).sum())
             else:
-                num += float(_distillation_loss(model, b, k, t, head, forward_fn)) * t.shape[0]
+                num += float(healing.distillation_loss(model, b, k, t, head, forward_fn)) * t.shape[0]
                 den += t.shape[0]
     return num / max(den, 1e-30)
 
@@ -402,14 +391,6 @@ def _hidden_states(model: nn.Module, batches: list[Batch], forward_fn, float64: 
 
 
 _student = healing.student_rows  # the model's output rows at the measurement point, with the graph
-
-
-def _distillation_loss(model: nn.Module, b: Batch, k: int, teacher: torch.Tensor, head: nn.Module | None,
-                       forward_fn, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions through the (frozen) output embedding,
-    batch by batch; relative squared error when the model has no output embedding
-    (:func:`lc_kernels.healing.distillation_loss`)."""
-    return healing.distillation_loss(model, b, k, teacher, head, forward_fn, temperature)
 
 
 def _check_heal_options(trainable, rank, warmup, temperature, eval_every, clip, steps: int) -> dict:

@@ -222,12 +222,13 @@ def _detach_adapters(linears: list[nn.Linear], merge: bool) -> None:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def _progress(total: int, on: bool):
+def progress_bar(total: int, on: bool, desc: str):
+    """A tqdm bar when asked for and tqdm is installed, else None."""
     if on:
         try:
             from tqdm.auto import tqdm
 
-            return tqdm(total=total, desc="heal", leave=False)
+            return tqdm(total=total, desc=desc, leave=False)
         except ImportError:
             pass
     return None
@@ -264,7 +265,7 @@ def heal(
     adapted: list[nn.Linear] = []
     params: list[nn.Parameter] = []
     initial: list[torch.Tensor] = []
-    bar = _progress(steps, progress)
+    bar = progress_bar(steps, progress, "heal")
     try:
         for p, _ in flags:
             p.requires_grad_(False)

@@ -48,7 +48,7 @@ from ..ops.reference import collapsible_activation
 from .inputs import Batch, ForwardFn
 from .allocate import SEARCH_EVALS, Option, choose, lagrangian
 from .inputs import holdout_split
-from .layerwise import HeldOut, SiteStream, _Measure, materialized, relative_error, site_hooks
+from .layerwise import HeldOut, SiteStream, _Measure, materialized, relative_error, replaced_outputs
 from .plan import KEEP, LINEAR, PARTIAL, CollapsePlan, JointPlan, SitePlan
 
 FITS = ("local", "global")
@@ -494,13 +494,9 @@ def measure(model: nn.Module, sites: list[GatedSite], batches: list[Batch], forw
             ) -> tuple[float, list[torch.Tensor]]:
     """Model-output error with ``fitted`` in place of their sites (and the dense reference)."""
     meas = _Measure(model, forward_fn)
-    mods = {i: s.module for i, s in enumerate(sites)}
-    current: list[Batch] = []
-    before = lambda k, b: current.__setitem__(slice(None), [b])  # noqa: E731
     if reference is None:
         reference = meas.run(batches)
-    with site_hooks(mods, lambda: current[0], replace=dict(fitted)):
-        outs = meas.run(batches, before)
+    outs = replaced_outputs(meas, {i: s.module for i, s in enumerate(sites)}, batches, fitted)
     return relative_error(outs, reference), reference
 
 

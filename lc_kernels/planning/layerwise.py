@@ -226,6 +226,15 @@ class _Measure:
         return outs
 
 
+def replaced_outputs(meas: "_Measure", modules: dict[int, nn.Module], batches: list[Batch],
+                     replace: dict[int, nn.Module]) -> list[torch.Tensor]:
+    """``meas.run(batches)`` with ``replace`` standing in for those of ``modules`` (site index -> module)."""
+    current: list[Batch] = []
+    before = lambda k, b: current.__setitem__(slice(None), [b])  # noqa: E731
+    with site_hooks(modules, lambda: current[0], replace=dict(replace)):
+        return meas.run(batches, before)
+
+
 class HeldOut:
     """The end-to-end error of the model with some sites replaced, on held-out batches: the mean KL
     (nats per token) of the next-token distributions to the dense model's when the model has an
@@ -258,10 +267,7 @@ class HeldOut:
         return torch.log_softmax(F.linear(h.view(-1, self.w.shape[1]).float(), self.w, self.b), dim=-1)
 
     def __call__(self, replace: dict[int, nn.Module]) -> float:
-        current: list[Batch] = []
-        before = lambda k, b: current.__setitem__(slice(None), [b])  # noqa: E731
-        with site_hooks(self.mods, lambda: current[0], replace=dict(replace)):
-            outs = self.meas.run(self.batches, before)
+        outs = replaced_outputs(self.meas, self.mods, self.batches, replace)
         self.evaluations += 1
         if self.kind == "rel":
             return relative_error(outs, self.reference)
@@ -551,5 +557,5 @@ def _capture_inputs(modules: list[nn.Module], into: dict[int, list]) -> Iterator
         yield
 
 
-__all__ = ["SiteStream", "HeldOut", "Passes", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
+__all__ = ["SiteStream", "HeldOut", "replaced_outputs", "Passes", "BlockStream", "find_blocks", "output_point", "site_hooks", "relative_error", "is_offloaded",
            "execution_device", "materialized"]
